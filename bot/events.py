@@ -114,12 +114,16 @@ class FighterStarted:
 
 @dataclass(frozen=True, slots=True)
 class FighterToken:
-    """A piece of answer text (never reasoning). ``first`` marks the first one."""
+    """A piece of answer text (never reasoning).
+
+    ``reset`` means: what was streamed so far turned out to be reasoning (a ``</think>`` arrived with
+    no opening tag); drop it, then append ``text``. Consumers: ``buf = ("" if ev.reset else buf) + ev.text``.
+    """
 
     fighter: str
     text: str
     at: float
-    first: bool = False
+    reset: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +138,8 @@ class FighterFailed:
 
 @dataclass(frozen=True, slots=True)
 class SynthesisStarted:
+    """The synthesis (or, after a failure, its fallback) begins: consumers start a fresh text buffer."""
+
     model: str
     backend: str
     at: float
@@ -143,8 +149,11 @@ class SynthesisStarted:
 
 @dataclass(frozen=True, slots=True)
 class SynthesisToken:
+    """A piece of the synthesis; ``reset`` as for :class:`FighterToken`."""
+
     text: str
     at: float
+    reset: bool = False
 
 
 @dataclass(frozen=True, slots=True)
