@@ -1,0 +1,388 @@
+"""The Discord side of SHENRON: the Bot subclass, its start-up and its orderly shutdown.
+
+``ShenronBot`` takes every dependency as a keyword argument (settings, council engine, HTTP
+session, knowledge base, counters), so tests build one against a fake LLM server and simcord.
+It owns what is shared between rounds: the queue of councils, one edit throttle per channel, and
+the set of rounds in flight, which :meth:`ShenronBot.close` ends visibly ("interrupted").
+
+``run_bot`` is what ``shenron run`` calls: it checks the token, wires the process together, and
+turns SIGINT/SIGTERM into that orderly close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import aiohttp
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.config import ConfigError, CouncilConfig, Settings
+from bot.council import CouncilEngine
+from bot.events import Passage
+from bot.llm import LLMClient, make_session
+from bot.stats import CouncilCounters
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ("cogs.council", "cogs.health")
+SHUTDOWN_GRACE_S = 15.0  # how long close() lets rounds write their "interrupted" state
+THROTTLE_IDLE_S = 300.0  # a channel's throttle is forgotten after this long without edits
+
+# Three base64url parts: user id, timestamp, HMAC. Lengths vary over the years; keep it loose.
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{20,}$")
+_PORTAL = "Discord Developer Portal → your application → Bot → Reset Token"
+
+
+class KnowledgeBase(Protocol):
+    """What the bot needs from the knowledge base (built elsewhere; optional)."""
+
+    async def search(self, query: str) -> list[Passage]: ...
+
+    async def stats(self) -> Any: ...
+
+
+def check_token(token: str | None) -> str:
+    """The token, or a ConfigError saying what is wrong with it. Never echoes the token."""
+    if not token:
+        raise ConfigError(".env", "DISCORD_TOKEN", "is not set",
+                          f"copy the bot token from the {_PORTAL} and put DISCORD_TOKEN=<token> in .env")
+    if token.lower().startswith("bot "):
+        raise ConfigError(".env", "DISCORD_TOKEN", "starts with 'Bot '",
+                          "put only the token itself in .env, without the 'Bot ' prefix")
+    if any(c in token for c in "\"' \t"):
+        raise ConfigError(".env", "DISCORD_TOKEN", "contains quotes or spaces",
+                          "write it as DISCORD_TOKEN=<token> with nothing around the token")
+    if not _TOKEN_RE.match(token):
+        raise ConfigError(".env", "DISCORD_TOKEN", "does not look like a bot token (three parts separated by dots)",
+                          f"copy it again from the {_PORTAL}; the application ID and client secret are not the token")
+    return token
+
+
+# --- edit budget -------------------------------------------------------------------------------
+
+
+class LiveMessage:
+    """A message that shows changing state: edits coalesce, and only the latest state is written.
+
+    ``render()`` is called when the edit actually happens, so ten state changes between two
+    edits cost one edit. ``finish()`` writes the final state and stops further updates.
+    """
+
+    def __init__(self, message: discord.Message, throttle: EditThrottle,
+                 render: Callable[[], dict[str, Any]]) -> None:
+        self.message = message
+        self.throttle = throttle
+        self.render = render
+        self.final = False
+
+    def touch(self) -> None:
+        """The state changed: write it at the channel's next free edit slot."""
+        if not self.final:
+            self.throttle.request(self)
+
+    async def finish(self, **payload: Any) -> None:
+        """Write ``payload`` (or the current render) as the final state, waiting for a slot."""
+        self.final = True
+        await self.throttle.write_final(self, payload or self.render())
+
+
+class EditThrottle:
+    """At most one edit per ``interval_s`` in one channel, shared by every live message there.
+
+    Discord's edit limits are per channel, and discord.py turns a 429 into waiting, so
+    over-editing shows up as lag. Pending updates are served round-robin; final writes wait
+    for the next slot and always happen.
+    """
+
+    def __init__(self, interval_s: float, *, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._pending: OrderedDict[int, LiveMessage] = OrderedDict()
+        self._lock = asyncio.Lock()
+        self._next_at = 0.0
+        self._drainer: asyncio.Task[None] | None = None
+        self.edits = 0
+        self.last_used = clock()
+
+    def request(self, live: LiveMessage) -> None:
+        self._pending.setdefault(id(live), live)
+        # The drainer exists only while there is work: an idle bot holds no waiting task.
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain(), name="shenron-edit-throttle")
+
+    async def write_final(self, live: LiveMessage, payload: dict[str, Any]) -> None:
+        self._pending.pop(id(live), None)
+        async with self._lock:
+            await self._wait_turn()
+            await self._edit(live.message, payload)
+
+    async def _drain(self) -> None:
+        while self._pending:
+            async with self._lock:
+                await self._wait_turn()
+                if not self._pending:
+                    return
+                _, live = self._pending.popitem(last=False)
+                if not live.final:
+                    await self._edit(live.message, live.render())
+
+    async def _wait_turn(self) -> None:
+        delay = self._next_at - self._clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _edit(self, message: discord.Message, payload: dict[str, Any]) -> None:
+        try:
+            await message.edit(**payload)
+            self.edits += 1
+        except discord.HTTPException as exc:
+            # A vanished thread or a rejected edit must not stop the round; the next state retries.
+            log.warning("could not edit message %s in channel %s: %s", message.id, message.channel.id, exc)
+        finally:
+            self._next_at = self._clock() + self.interval_s
+            self.last_used = self._clock()
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending and not self._lock.locked()
+
+
+# --- the council queue ----------------------------------------------------------------------
+
+
+class CouncilQueue:
+    """At most ``limit`` councils at once; the rest wait in arrival order and know their place."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running = 0
+        self._waiting: list[tuple[asyncio.Future[None], Callable[[int], None]]] = []
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @asynccontextmanager
+    async def seat(self, on_position: Callable[[int], None] = lambda _: None) -> AsyncIterator[None]:
+        """Hold one of the ``limit`` seats; ``on_position(n)`` hears the queue position while waiting."""
+        if self.running < self.limit and not self._waiting:
+            self.running += 1
+        else:
+            ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiting.append((ticket, on_position))
+            on_position(len(self._waiting))
+            try:
+                await ticket
+            except asyncio.CancelledError:
+                if ticket.done() and not ticket.cancelled():
+                    self._release()  # the seat was handed over just as we were cancelled: pass it on
+                else:
+                    self._waiting = [w for w in self._waiting if w[0] is not ticket]
+                    self._announce()
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._waiting:
+            ticket, _ = self._waiting.pop(0)
+            ticket.set_result(None)  # the seat passes straight to the next in line
+            self._announce()
+        else:
+            self.running -= 1
+
+    def _announce(self) -> None:
+        for position, (_, on_position) in enumerate(self._waiting, start=1):
+            on_position(position)
+
+
+# --- the bot ------------------------------------------------------------------------------
+
+
+class ShenronTree(app_commands.CommandTree):
+    """Logs unexpected command errors and tells the user something went wrong."""
+
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        if isinstance(error, app_commands.CheckFailure):
+            log.debug("check failed for /%s: %s", interaction.command and interaction.command.name, error)
+            return  # the cog already answered the user
+        log.exception("error in /%s", interaction.command and interaction.command.name, exc_info=error)
+        text = "Something went wrong on SHENRON's side; the details are in the bot's log."
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException:
+            log.warning("could not tell the user about the error")
+
+
+class ShenronBot(commands.Bot):
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        engine: CouncilEngine,
+        session: aiohttp.ClientSession,
+        kb: KnowledgeBase | None = None,
+        stats: CouncilCounters | None = None,
+        message_content: bool = True,
+    ) -> None:
+        intents = discord.Intents.default()
+        # Privileged: lets any message in a council thread continue it. Without it, only
+        # messages that mention the bot arrive with their text.
+        intents.message_content = message_content
+        super().__init__(
+            command_prefix=(),  # slash commands only; no text prefix to misfire on mentions
+            help_command=None,
+            intents=intents,
+            allowed_mentions=discord.AllowedMentions.none(),
+            tree_cls=ShenronTree,
+        )
+        self.settings = settings
+        self.engine = engine
+        self.session = session
+        self.kb = kb
+        self.stats = stats if stats is not None else CouncilCounters()
+        self.queue = CouncilQueue(settings.max_concurrent_councils)
+        self.rounds: set[asyncio.Task[None]] = set()
+        self.shutdown_reason: str | None = None
+        self._throttles: dict[int, EditThrottle] = {}
+
+    @property
+    def council(self) -> CouncilConfig:
+        return self.engine.council
+
+    @property
+    def client(self) -> LLMClient:
+        return self.engine.client
+
+    @property
+    def closing(self) -> bool:
+        return self.shutdown_reason is not None
+
+    async def setup_hook(self) -> None:
+        for extension in EXTENSIONS:
+            try:
+                await self.load_extension(extension)
+            except Exception:
+                log.exception("could not load extension %s", extension)
+        guild = discord.Object(self.settings.dev_guild_id) if self.settings.dev_guild_id else None
+        if guild is not None:
+            # A development guild gets the commands instantly; copy the global ones there.
+            self.tree.copy_global_to(guild=guild)
+        synced = await self.tree.sync(guild=guild)
+        log.info("synced %d commands %s", len(synced),
+                 f"to guild {self.settings.dev_guild_id}" if guild else "globally")
+
+    async def on_ready(self) -> None:
+        log.info("logged in as %s (%s) in %d guilds", self.user, self.user and self.user.id, len(self.guilds))
+
+    def throttle(self, channel_id: int) -> EditThrottle:
+        """The edit budget of one channel (a thread is a channel)."""
+        throttle = self._throttles.get(channel_id)
+        if throttle is None:
+            now = time.perf_counter()
+            for cid, t in list(self._throttles.items()):
+                if t.idle and now - t.last_used > THROTTLE_IDLE_S:
+                    del self._throttles[cid]
+            throttle = self._throttles[channel_id] = EditThrottle(self.settings.edit_interval_s)
+        return throttle
+
+    @property
+    def edits_made(self) -> int:
+        return sum(t.edits for t in self._throttles.values())
+
+    def start_round(self, coro: Any, *, name: str) -> asyncio.Task[None]:
+        """Run a council round as its own task, so shutdown can find and interrupt it."""
+        task = asyncio.create_task(coro, name=name)
+        self.rounds.add(task)
+        task.add_done_callback(self.rounds.discard)
+        return task
+
+    async def interrupt_rounds(self, reason: str, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Cancel every round in flight; each writes its "interrupted" state before it ends."""
+        tasks = [t for t in self.rounds if not t.done()]
+        if not tasks:
+            return
+        log.info("interrupting %d council(s): %s", len(tasks), reason)
+        for task in tasks:
+            task.cancel()
+        _, late = await asyncio.wait(tasks, timeout=grace_s)
+        if late:
+            log.warning("%d council(s) did not finish their final edits within %.0f s", len(late), grace_s)
+
+    async def close(self) -> None:
+        """Interrupt the councils in flight (visibly), then disconnect."""
+        if self.shutdown_reason is None:
+            self.shutdown_reason = "SHENRON was shut down while this round was running"
+            await self.interrupt_rounds(self.shutdown_reason)
+        await super().close()
+
+
+# --- the process ------------------------------------------------------------------------------
+
+
+async def _serve(bot: ShenronBot, token: str) -> None:
+    """Run until Discord disconnects us for good or a signal asks us to stop."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+            pass
+    try:
+        async with bot:
+            runner = asyncio.create_task(bot.start(token), name="discord-client")
+            stopper = asyncio.create_task(stop.wait(), name="shutdown-signal")
+            done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if stopper in done:
+                log.info("shutdown requested: interrupting councils, then closing")
+                await bot.close()
+            stopper.cancel()
+            await runner  # re-raise a login or intents failure
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def run_bot(settings: Settings, council: CouncilConfig, *, kb: KnowledgeBase | None = None) -> int:
+    """Run SHENRON in Discord until SIGINT/SIGTERM. Returns the exit status."""
+    token = check_token(settings.discord_token)
+    discord.utils.setup_logging(level=logging.getLevelName(settings.log_level))
+    stats = CouncilCounters()
+    message_content = True
+    async with make_session() as session:
+        engine = CouncilEngine(LLMClient(session, council.backends), council)
+        while True:
+            bot = ShenronBot(settings=settings, engine=engine, session=session, kb=kb, stats=stats,
+                             message_content=message_content)
+            try:
+                await _serve(bot, token)
+                return 0
+            except discord.LoginFailure:
+                raise ConfigError(".env", "DISCORD_TOKEN", "Discord rejected the token",
+                                  f"reset it in the {_PORTAL} and paste the new one into .env") from None
+            except discord.PrivilegedIntentsRequired:
+                if not message_content:
+                    raise
+                # Still useful without it: follow-ups then need a mention of the bot.
+                log.warning("the MESSAGE_CONTENT intent is not enabled for this application "
+                            "(Developer Portal → Bot → Privileged Gateway Intents); continuing without it: "
+                            "in council threads, mention the bot to ask a follow-up")
+                message_content = False
