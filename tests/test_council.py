@@ -25,16 +25,12 @@ from bot.events import (
 from bot.llm import LLMClient, make_session
 from tests.factories import NAMES, make_council
 from tests.fakeserver import FakeLLM, Script
+from tests.leaks import client_tasks
 
 
 def engine_for(session, fake: FakeLLM, **kw) -> CouncilEngine:
     council = make_council(fake.url, **kw)
     return CouncilEngine(LLMClient(session, council.backends), council)
-
-
-def client_tasks() -> set[asyncio.Task]:
-    """Tasks on this loop, less the fake server's own request handlers (they are the far end)."""
-    return {t for t in asyncio.all_tasks() if not t.get_coro().__qualname__.startswith("RequestHandler.")}
 
 
 def synthesis_prompt(fake: FakeLLM, model: str = "shenron") -> str:
