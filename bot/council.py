@@ -197,8 +197,8 @@ class CouncilEngine:
                                              max_tokens=f.max_tokens, timeout_s=timeout)
             async with aclosing(stream):
                 async for d in stream:
-                    self._absorb(p, d, t0, lambda text, at, reset: queue.put_nowait(
-                        FighterToken(fighter=f.name, text=text, at=at, reset=reset)))
+                    if piece := self._absorb(p, d, t0):
+                        queue.put_nowait(FighterToken(f.name, *piece))
         except LLMError as exc:
             error, kind = str(exc), exc.kind
         except asyncio.CancelledError:
@@ -222,12 +222,12 @@ class CouncilEngine:
         )
         queue.put_nowait(FighterFinished(answer) if answer.ok else FighterFailed(answer))
 
-    def _absorb(self, p: _Progress, d: Delta, t0: float, on_text: Callable[[str, float, bool], None]) -> None:
-        """Fold one Delta into the progress; call on_text for answer text (reasoning never)."""
+    def _absorb(self, p: _Progress, d: Delta, t0: float) -> tuple[str, float, bool] | None:
+        """Fold one Delta into the progress. Returns (answer text, at, reset) to stream, never reasoning."""
         if d.done:
             p.finish_reason = d.finish_reason
             p.completion_tokens = d.completion_tokens
-            return
+            return None
         at = self._clock() - t0
         if p.first_token_s is None:
             p.first_token_s = at
@@ -237,9 +237,10 @@ class CouncilEngine:
             p.reasoning.append(d.reasoning)
         if d.reset:
             p.text.clear()
-        if d.content or d.reset:
-            p.text.append(d.content)
-            on_text(d.content, at, d.reset)
+        if not (d.content or d.reset):
+            return None
+        p.text.append(d.content)
+        return d.content, at, d.reset
 
     async def _synthesise(self, question: str, history: Sequence[Turn], context: Sequence[Passage],
                           ok: Sequence[FighterAnswer], missing: Sequence[FighterAnswer],
@@ -256,7 +257,6 @@ class CouncilEngine:
             p = _Progress(started_at=self._clock() - t0)
             yield SynthesisStarted(model=model, backend=backend, at=p.started_at, fallback=is_fallback,
                                    missing=missing_names)
-            tokens: list[SynthesisToken] = []
             error = ""
             try:
                 timeout = synth.timeout_s or self.client.backends[backend].total_timeout_s
@@ -264,11 +264,8 @@ class CouncilEngine:
                                                  max_tokens=synth.max_tokens, timeout_s=timeout)
                 async with aclosing(stream):
                     async for d in stream:
-                        self._absorb(p, d, t0, lambda text, at, reset: tokens.append(
-                            SynthesisToken(text=text, at=at, reset=reset)))
-                        for tok in tokens:
-                            yield tok
-                        tokens.clear()
+                        if piece := self._absorb(p, d, t0):
+                            yield SynthesisToken(*piece)
             except LLMError as exc:
                 error = str(exc)
             except Exception as exc:
