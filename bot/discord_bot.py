@@ -100,46 +100,82 @@ class EditThrottle:
     """At most one edit per ``interval_s`` in one channel, shared by every live message there.
 
     Discord's edit limits are per channel, and discord.py turns a 429 into waiting, so
-    over-editing shows up as lag. Pending updates are served round-robin; final writes wait
-    for the next slot and always happen.
+    over-editing shows up as lag. A state change edits at once when the channel's slot is free;
+    otherwise it waits (coalesced) for the slot, served round-robin. Final writes take priority
+    and always happen. No task waits around while nothing is pending.
     """
 
     def __init__(self, interval_s: float, *, clock: Callable[[], float] = time.perf_counter) -> None:
         self.interval_s = interval_s
         self._clock = clock
         self._pending: OrderedDict[int, LiveMessage] = OrderedDict()
-        self._lock = asyncio.Lock()
         self._next_at = 0.0
-        self._drainer: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._finals_waiting = 0
         self.edits = 0
         self.last_used = clock()
 
     def request(self, live: LiveMessage) -> None:
         self._pending.setdefault(id(live), live)
-        # The drainer exists only while there is work: an idle bot holds no waiting task.
-        if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.create_task(self._drain(), name="shenron-edit-throttle")
+        self._pump()
 
     async def write_final(self, live: LiveMessage, payload: dict[str, Any]) -> None:
         self._pending.pop(id(live), None)
-        async with self._lock:
-            await self._wait_turn()
-            await self._edit(live.message, payload)
+        self._finals_waiting += 1
+        try:
+            while True:
+                if self._busy():
+                    assert self._inflight is not None
+                    await asyncio.wait([self._inflight])
+                    continue
+                wait = self._next_at - self._clock()
+                if wait <= 0:
+                    break
+                # Sleep rather than wait on another task: the sleeper owns its own wake-up.
+                await asyncio.sleep(wait)
+        finally:
+            self._finals_waiting -= 1
+        await self._start_edit(live.message, payload)
 
-    async def _drain(self) -> None:
-        while self._pending:
-            async with self._lock:
-                await self._wait_turn()
-                if not self._pending:
-                    return
-                _, live = self._pending.popitem(last=False)
-                if not live.final:
-                    await self._edit(live.message, live.render())
+    def close(self) -> None:
+        """Drop pending (non-final) updates; used at shutdown after the final states are written."""
+        self._pending.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    async def _wait_turn(self) -> None:
-        delay = self._next_at - self._clock()
-        if delay > 0:
-            await asyncio.sleep(delay)
+    @property
+    def idle(self) -> bool:
+        return not self._pending and not self._busy() and not self._finals_waiting
+
+    def _busy(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
+
+    def _pump(self) -> None:
+        if not self._pending or self._busy() or self._finals_waiting:
+            return
+        wait = self._next_at - self._clock()
+        if wait > 0:
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(wait, self._on_timer)
+            return
+        _, live = self._pending.popitem(last=False)
+        if not live.final:
+            self._start_edit(live.message, live.render())
+        else:
+            self._pump()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _start_edit(self, message: discord.Message, payload: dict[str, Any]) -> asyncio.Task[None]:
+        self._next_at = self._clock() + self.interval_s
+        task = asyncio.create_task(self._edit(message, payload), name="shenron-edit")
+        self._inflight = task
+        task.add_done_callback(lambda _: self._pump())
+        return task
 
     async def _edit(self, message: discord.Message, payload: dict[str, Any]) -> None:
         try:
@@ -148,13 +184,10 @@ class EditThrottle:
         except discord.HTTPException as exc:
             # A vanished thread or a rejected edit must not stop the round; the next state retries.
             log.warning("could not edit message %s in channel %s: %s", message.id, message.channel.id, exc)
+        except Exception:
+            log.exception("editing message %s failed", message.id)
         finally:
-            self._next_at = self._clock() + self.interval_s
             self.last_used = self._clock()
-
-    @property
-    def idle(self) -> bool:
-        return not self._pending and not self._lock.locked()
 
 
 # --- the council queue ----------------------------------------------------------------------
@@ -329,6 +362,8 @@ class ShenronBot(commands.Bot):
         if self.shutdown_reason is None:
             self.shutdown_reason = "SHENRON was shut down while this round was running"
             await self.interrupt_rounds(self.shutdown_reason)
+            for throttle in self._throttles.values():
+                throttle.close()
         await super().close()
 
 
