@@ -77,7 +77,7 @@ def read_document(data: bytes, source: str) -> Document:
         elif suffix in MARKDOWN:
             title, sections, kind = *_read_markdown(text, stem), "markdown"
         else:
-            title, sections, kind = stem, [Section("", (), text)], "text"
+            title, sections, kind = stem, [Section("", (), text.strip())], "text"
     kept = tuple(s for s in sections if s.text.strip())
     if not kept:
         what = "no text layer (a scanned PDF?)" if kind == "pdf" else "no text"
