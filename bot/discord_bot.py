@@ -193,13 +193,29 @@ class EditThrottle:
 # --- the council queue ----------------------------------------------------------------------
 
 
-class CouncilQueue:
-    """At most ``limit`` councils at once; the rest wait in arrival order and know their place."""
+class _Ticket:
+    __slots__ = ("granted", "on_position")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, on_position: Callable[[int], None]) -> None:
+        self.granted = False
+        self.on_position = on_position
+
+
+class CouncilQueue:
+    """At most ``limit`` councils at once; the rest wait in arrival order and know their place.
+
+    A freed seat is handed to the next in line as the ``council_seat`` bot event, awaited with
+    ``Client.wait_for``: the standard way for a bot to wait on something, and one that test
+    harnesses (simcord) recognise as a parked wait rather than a hang.
+    """
+
+    EVENT = "council_seat"
+
+    def __init__(self, limit: int, client: discord.Client) -> None:
         self.limit = limit
         self.running = 0
-        self._waiting: list[tuple[asyncio.Future[None], Callable[[int], None]]] = []
+        self._client = client
+        self._waiting: list[_Ticket] = []
 
     @property
     def queued(self) -> int:
@@ -211,16 +227,16 @@ class CouncilQueue:
         if self.running < self.limit and not self._waiting:
             self.running += 1
         else:
-            ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiting.append((ticket, on_position))
+            ticket = _Ticket(on_position)
+            self._waiting.append(ticket)
             on_position(len(self._waiting))
             try:
-                await ticket
+                await self._client.wait_for(self.EVENT, check=lambda granted: granted is ticket)
             except asyncio.CancelledError:
-                if ticket.done() and not ticket.cancelled():
-                    self._release()  # the seat was handed over just as we were cancelled: pass it on
+                if ticket.granted:
+                    self._release()  # handed a seat just as we were cancelled: pass it on
                 else:
-                    self._waiting = [w for w in self._waiting if w[0] is not ticket]
+                    self._waiting.remove(ticket)
                     self._announce()
                 raise
         try:
@@ -230,15 +246,16 @@ class CouncilQueue:
 
     def _release(self) -> None:
         if self._waiting:
-            ticket, _ = self._waiting.pop(0)
-            ticket.set_result(None)  # the seat passes straight to the next in line
+            ticket = self._waiting.pop(0)
+            ticket.granted = True  # the seat passes straight to the next in line
+            self._client.dispatch(self.EVENT, ticket)
             self._announce()
         else:
             self.running -= 1
 
     def _announce(self) -> None:
-        for position, (_, on_position) in enumerate(self._waiting, start=1):
-            on_position(position)
+        for position, ticket in enumerate(self._waiting, start=1):
+            ticket.on_position(position)
 
 
 # --- the bot ------------------------------------------------------------------------------
@@ -289,7 +306,7 @@ class ShenronBot(commands.Bot):
         self.session = session
         self.kb = kb
         self.stats = stats if stats is not None else CouncilCounters()
-        self.queue = CouncilQueue(settings.max_concurrent_councils)
+        self.queue = CouncilQueue(settings.max_concurrent_councils, self)
         self.rounds: set[asyncio.Task[None]] = set()
         self.shutdown_reason: str | None = None
         self._throttles: dict[int, EditThrottle] = {}

@@ -121,7 +121,7 @@ def scene(simcord_env: simcord.Env) -> Scene:
     return make_scene(simcord_env)
 
 
-def script_council(fake: FakeLLM, *, stagger_s: float = 0.08, synthesis: str = "The council agrees: use ZFS.",
+def script_council(fake: FakeLLM, *, stagger_s: float = 0.02, synthesis: str = "The council agrees: use ZFS.",
                    names: tuple[str, ...] = NAMES) -> list[str]:
     """Every fighter answers; the last in the roster is the fastest. Returns the arrival order."""
     for i, name in enumerate(names):

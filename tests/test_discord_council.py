@@ -18,13 +18,13 @@ from tests.discord_fixtures import (  # noqa: F401 - fixtures
     simcord_bot,
 )
 from tests.factories import NAMES
-from tests.fakeserver import FakeLLM
+from tests.fakeserver import FakeLLM, Script
 
 QUESTION = "Should I run ZFS or ext4 on my R730?"
 
 
 async def test_full_council(scene: Scene, fake_llm: FakeLLM) -> None:
-    arrival = script_council(fake_llm)
+    arrival = script_council(fake_llm, stagger_s=0.08)  # far enough apart to arrive in this order
     started = time.perf_counter()
     result = await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
     wall = time.perf_counter() - started
@@ -79,3 +79,94 @@ async def test_full_council(scene: Scene, fake_llm: FakeLLM) -> None:
     webhook = [r for r in scene.env.http_requests if r.path.startswith("/webhooks/")]
     assert [(r.method, r.path.rsplit("/", 1)[-1]) for r in webhook] == [("PATCH", "@original")]
     assert scene.bot.stats.served == 1 and scene.bot.stats.failed == 0
+
+
+async def test_one_fighter_fails_with_words_a_user_can_act_on(scene: Scene, fake_llm: FakeLLM) -> None:
+    script_council(fake_llm)
+    fake_llm.script("vegeta", Script(status=500, error_message="CUDA out of memory"))
+    await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
+
+    messages = scene.bot_messages(scene.thread())
+    failed = [m.embeds[0] for m in messages if m.embeds[0].author.name and "VEGETA" in m.embeds[0].author.name]
+    [embed] = failed
+    assert embed.colour.value == 0xED4245
+    assert "HTTP 500" in embed.description and "CUDA out of memory" in embed.description
+    assert embed.footer.text.startswith("vegeta · failed after")
+
+    board = messages[0].embeds[0]
+    vegeta = next(line for line in board.fields[0].value.splitlines() if "VEGETA" in line)
+    assert vegeta.startswith("❌") and "HTTP 500" in vegeta
+    assert board.footer.text.startswith("✅ Done · 5/6 answered")
+
+    synthesis = messages[-1].embeds[0]
+    assert synthesis.title == "🐉 SHENRON — synthesis"
+    assert synthesis.footer.text.startswith("5/6 answered")
+    assert "without VEGETA" in synthesis.footer.text
+
+
+async def test_all_fighters_fail_and_nothing_looks_alive(scene: Scene, fake_llm: FakeLLM) -> None:
+    for name in NAMES:
+        fake_llm.script(name.lower(), Script(status=503, error_message="model is loading"))
+    await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
+
+    messages = scene.bot_messages(scene.thread())
+    assert len(messages) == 1 + 6 + 1
+    assert all(m.embeds[0].colour.value == 0xED4245 for m in messages[1:7])
+    [synthesis] = messages[-1].embeds[:1]
+    assert synthesis.title == "🐉 SHENRON — no synthesis"
+    assert "no fighter answered" in synthesis.description
+    assert synthesis.footer.text.startswith("0/6 answered")
+    board = messages[0].embeds[0]
+    assert board.colour.value == 0xED4245
+    assert board.footer.text.startswith("❌ no synthesis")
+    assert all(line.startswith("❌") for line in board.fields[0].value.splitlines())
+    assert "✅" not in board.fields[1].value and "💭" not in board.fields[1].value
+    assert scene.bot.stats.failed == 1
+
+
+async def test_a_9000_character_answer_is_split_within_discord_limits(scene: Scene, fake_llm: FakeLLM) -> None:
+    script_council(fake_llm)
+    paragraphs = [f"Paragraph {i}. " + "ZFS checksums every block. " * 30 for i in range(11)]
+    code = "```python\n" + "\n".join(f"print({i})  # verify the pool" for i in range(60)) + "\n```"
+    long_text = "\n\n".join([*paragraphs[:6], code, *paragraphs[6:]])
+    assert len(long_text) > 9000
+    fake_llm.script("goku", Script(text=long_text, chunk_chars=500))
+    await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
+
+    goku = [m for m in scene.bot_messages(scene.thread())
+            if m.embeds and m.embeds[0].author.name and "GOKU" in m.embeds[0].author.name]
+    embeds = [e for m in goku for e in m.embeds]
+    assert len(embeds) >= 3 and len(goku) < len(embeds)  # split, and parts share messages
+    for message in goku:
+        assert sum(len(e) for e in message.embeds) <= 6000 and len(message.embeds) <= 10
+    for embed in embeds:
+        assert len(embed.description) <= 4096
+        assert embed.description.count("```") % 2 == 0  # every chunk's code block is closed
+    joined = "".join(e.description for e in embeds)
+    for i in range(11):
+        assert f"Paragraph {i}." in joined
+    assert all(f"print({i})" in joined for i in range(60))
+    n = len(embeds)
+    assert [e.author.name.rsplit(" ", 1)[-1] for e in embeds] == [f"({i}/{n})" for i in range(1, n + 1)]
+    assert not goku[-1].attachments
+    assert embeds[-1].footer.text.startswith("goku · ")
+
+
+async def test_model_output_never_pings(scene: Scene, fake_llm: FakeLLM) -> None:
+    script_council(fake_llm, synthesis="Tell @here and @everyone, and <@&123> too.")
+    fake_llm.script("goku", Script(text="@everyone listen: ZFS! <@42>"))
+    await scene.alice.slash(scene.channel, "shenron", question="@everyone what now?")
+
+    thread = scene.thread()
+    every = [r for r in scene.env.http_requests if r.method in ("POST", "PATCH") and isinstance(r.json, dict)]
+    # Every message the bot posts or edits says: mention nobody.
+    assert all(r.json.get("allowed_mentions", {"parse": []}) == {"parse": []} for r in every)
+    for message in scene.bot_messages(thread):
+        assert not message.mention_everyone and not message.role_mentions and not message.mentions
+        for embed in message.embeds:
+            text = (embed.description or "") + (embed.footer.text or "")
+            assert "@everyone" not in text and "@here" not in text and "<@&123>" not in text
+    goku = next(m.embeds[0] for m in scene.bot_messages(thread)
+                if m.embeds[0].author.name and "GOKU" in m.embeds[0].author.name)
+    assert goku.description == "@\u200beveryone listen: ZFS! <@\u200b42>"
+    assert thread.name == "everyone what now?"
