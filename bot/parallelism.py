@@ -186,8 +186,9 @@ def analyse_round(label: str, models: Sequence[str], samples: Sequence[Sample], 
     intervals = [iv for s in samples if (iv := s.interval) is not None]
     lengths = [b - a for a, b in intervals if b > a]
     ov = overlap(intervals)
+    jitter = JITTER_SHARE * statistics.median(lengths) if lengths else 0.0
     if len(lengths) >= 2:
-        peak = peak_concurrency(intervals, JITTER_SHARE * statistics.median(lengths))
+        peak = peak_concurrency(intervals, jitter)
         at_once: int | None = min(max(peak, round(ov), 1), len(lengths))
     else:
         peak = 1 if lengths else 0
@@ -198,7 +199,7 @@ def analyse_round(label: str, models: Sequence[str], samples: Sequence[Sample], 
     waited = sum(
         1 for s in ok
         if any(o is not s and o.last_token_s is not None and s.first_token_s is not None
-               and s.first_token_s > o.last_token_s for o in ok)
+               and s.first_token_s > o.last_token_s - jitter for o in ok)
     )
     return ProbeRound(label=label, models=tuple(models), samples=tuple(samples), wall_s=wall_s, overlap=ov,
                       peak=peak, at_once=at_once, first_token_spread_s=spread, waited=waited)
