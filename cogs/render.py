@@ -32,7 +32,9 @@ FIELD_VALUE_LIMIT = 1024
 CONTENT_LIMIT = 2000
 THREAD_NAME_LIMIT = 100
 QUESTION_LIMIT = 3500  # how much of a question the board shows (the board needs room for its fields)
-ATTACH_AFTER_PARTS = 3  # a text needing more embeds than this goes into a .md attachment instead
+PACKED_LIMIT = 2700  # a long text is cut this small so two parts (plus author and footer) share a message
+MAX_HEALTH_BACKENDS = 20  # 25 fields per embed, minus the knowledge base, Discord and councils lines
+ATTACH_AFTER_PARTS = 8  # a text needing more parts than this (~20k characters) is attached as .md instead
 
 # --- colours ----------------------------------------------------------------------------------
 
@@ -234,6 +236,9 @@ def long_text_messages(
     """
     safe = neutralize_mentions(text)
     chunks = split_text(safe) or ["*(empty)*"]
+    if len(chunks) > 1:
+        # It has to be split anyway: smaller parts pair up, so half as many messages.
+        chunks = split_text(safe, PACKED_LIMIT)
     attach = len(chunks) > ATTACH_AFTER_PARTS
     if attach:
         note = f"\n\n*…the full text ({len(text):,} characters) is attached as `{filename}`.*"
@@ -659,31 +664,34 @@ def render_health(
     """The /health report. ``backends`` are :class:`bot.health.BackendHealth` (read by attribute)."""
     all_ok = all(getattr(b, "reachable", False) and not getattr(b, "missing", ()) for b in backends)
     embed = discord.Embed(title="🩺 SHENRON health", colour=COLOUR_DONE if all_ok else COLOUR_FAILED)
-    for b in backends[:20]:
+    latency = "unknown" if gateway_latency_s is None else f"{gateway_latency_s * 1000:.0f} ms"
+    hours, rem = divmod(int(uptime_s), 3600)
+    minutes, seconds = divmod(rem, 60)
+    pct = "no councils yet" if p50_s is None else f"p50 {fmt_s(p50_s)} · p95 {fmt_s(p95_s or p50_s)}"
+    tail = [
+        ("Knowledge base", clip(neutralize_mentions(_kb_line(kb_stats)), FIELD_VALUE_LIMIT)),
+        ("Discord", f"gateway {latency} · up {hours}h {minutes:02d}m {seconds:02d}s"),
+        ("Councils", f"served {served} · failed {failed} · interrupted {interrupted} · "
+                     f"running {in_flight} · queued {queued}\nwall time {pct}"),
+    ]
+    shown = list(backends[:MAX_HEALTH_BACKENDS])
+    # Share what the 6000-character cap leaves among the backends, so many of them still fit.
+    room = MESSAGE_EMBEDS_TOTAL - len(embed.title or "") - sum(len(n) + len(v) for n, v in tail) - 100
+    share = min(FIELD_VALUE_LIMIT, max(80, room // max(1, len(shown)) - 30))
+    for b in shown:
         if b.reachable:
             lines = [f"✅ reachable · {b.latency_s * 1000:.0f} ms · `{b.base_url}`"]
             models = ", ".join(b.models[:12]) + (f" (+{len(b.models) - 12})" if len(b.models) > 12 else "")
             lines.append(f"models: {models or 'none listed'}")
             if b.missing:
                 lines.append(f"⚠️ missing for: {', '.join(b.missing)}")
-            extra = getattr(b, "notes", ())
-            lines.extend(str(n) for n in extra)
+            lines.extend(str(n) for n in getattr(b, "notes", ()))
         else:
             lines = [f"❌ unreachable · `{b.base_url}`", str(b.error)]
-        embed.add_field(name=clip(f"Backend {b.name}", FIELD_NAME_LIMIT),
-                        value=clip(neutralize_mentions("\n".join(lines)), FIELD_VALUE_LIMIT), inline=False)
-    embed.add_field(name="Knowledge base", value=clip(neutralize_mentions(_kb_line(kb_stats)), FIELD_VALUE_LIMIT),
-                    inline=False)
-    latency = "unknown" if gateway_latency_s is None else f"{gateway_latency_s * 1000:.0f} ms"
-    hours, rem = divmod(int(uptime_s), 3600)
-    minutes, seconds = divmod(rem, 60)
-    embed.add_field(name="Discord", value=f"gateway {latency} · up {hours}h {minutes:02d}m {seconds:02d}s",
-                    inline=False)
-    pct = "no councils yet" if p50_s is None else f"p50 {fmt_s(p50_s)} · p95 {fmt_s(p95_s or p50_s)}"
-    embed.add_field(
-        name="Councils",
-        value=f"served {served} · failed {failed} · interrupted {interrupted} · "
-              f"running {in_flight} · queued {queued}\nwall time {pct}",
-        inline=False,
-    )
+        embed.add_field(name=clip(f"Backend {b.name}", 30), value=clip(neutralize_mentions("\n".join(lines)), share),
+                        inline=False)
+    if len(backends) > len(shown):
+        embed.add_field(name="…", value=f"{len(backends) - len(shown)} more backends not shown", inline=False)
+    for name, value in tail:
+        embed.add_field(name=name, value=value, inline=False)
     return embed

@@ -4,29 +4,21 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import discord
 import pytest
 
 from bot.config import Settings
 from bot.events import Passage
-from tests.discord_fixtures import (  # noqa: F401 - fixtures
-    GatedKnowledge,
-    Scene,
-    bot_settings,
-    council_config,
-    knowledge,
-    llm_session,
-    make_bot,
-    scene,
-    script_council,
-    simcord_bot,
-)
+from tests.discord_fixtures import GatedKnowledge, Scene, script_council
 from tests.fakeserver import FakeLLM
 
 QUESTION = "Should I run ZFS or ext4 on my R730?"
 RUNBOOK = Passage(text="Use ZFS mirrors on the R730.", source="docs/runbook.md", heading="Storage", score=0.9)
 
+pytest_plugins = ["tests.discord_fixtures"]
 
-def board_of(scene: Scene, thread_index: int = 0):  # noqa: ANN201 - a discord.Embed
+
+def board_of(scene: Scene, thread_index: int = 0) -> discord.Embed:
     thread = scene.channel.threads[thread_index]
     return scene.bot_messages(thread)[0].embeds[0]
 

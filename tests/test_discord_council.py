@@ -5,22 +5,13 @@ from __future__ import annotations
 import re
 import time
 
-from tests.discord_fixtures import (  # noqa: F401 - fixtures
-    EDIT_INTERVAL_S,
-    Scene,
-    bot_settings,
-    council_config,
-    knowledge,
-    llm_session,
-    make_bot,
-    scene,
-    script_council,
-    simcord_bot,
-)
+from tests.discord_fixtures import EDIT_INTERVAL_S, Scene, script_council
 from tests.factories import NAMES
 from tests.fakeserver import FakeLLM, Script
 
 QUESTION = "Should I run ZFS or ext4 on my R730?"
+
+pytest_plugins = ["tests.discord_fixtures"]
 
 
 async def test_full_council(scene: Scene, fake_llm: FakeLLM) -> None:

@@ -8,22 +8,13 @@ import discord
 import pytest
 
 from bot.config import Settings
-from tests.discord_fixtures import (  # noqa: F401 - fixtures
-    GatedKnowledge,
-    Scene,
-    bot_settings,
-    council_config,
-    knowledge,
-    llm_session,
-    make_bot,
-    scene,
-    script_council,
-    simcord_bot,
-)
+from tests.discord_fixtures import GatedKnowledge, Scene, script_council
 from tests.factories import NAMES
 from tests.fakeserver import FakeLLM, Script
 
 QUESTION = "Should I run ZFS or ext4 on my R730?"
+
+pytest_plugins = ["tests.discord_fixtures"]
 
 
 def authored_by(message: discord.Message, name: str) -> bool:

@@ -8,21 +8,13 @@ import discord
 import pytest
 
 from bot.discord_bot import ShenronBot
-from tests.discord_fixtures import (  # noqa: F401 - fixtures
-    Scene,
-    bot_settings,
-    council_config,
-    knowledge,
-    llm_session,
-    make_bot,
-    scene,
-    script_council,
-    simcord_bot,
-)
+from tests.discord_fixtures import Scene, script_council
 from tests.fakeserver import FakeLLM, Script
 
 QUESTION = "Should I run ZFS or ext4 on my R730?"
 FOLLOW_UP = "And what about SSD wear?"
+
+pytest_plugins = ["tests.discord_fixtures"]
 
 
 def boards(scene: Scene) -> list[discord.Embed]:
