@@ -419,8 +419,12 @@ async def run_doctor(
         else:
             client = LLMClient(session, council.backends)
             for name in council.backends:
-                for check in await check_backend(client, council, name, probe=probe,
-                                                 probe_timeout_s=probe_timeout_s):
+                try:
+                    found = await check_backend(client, council, name, probe=probe, probe_timeout_s=probe_timeout_s)
+                except Exception as exc:  # a bug here must not hide the remaining checks
+                    failed = f"the check itself failed ({exc.__class__.__name__}: {exc})"
+                    found = [Check(f"backend {name}", ERROR, failed, "run shenron -v doctor and report the traceback")]
+                for check in found:
                     add(check)
         add(await check_knowledge_base(settings, council, session))
         token_check = check_discord_token(settings.discord_token, online=online)
@@ -497,4 +501,5 @@ def add_doctor_command(subparsers: Any) -> None:
                         help="do not measure how many requests each backend runs at once "
                              "(the probe generates a few hundred tokens per model)")
     # needs_council=False: a broken roster is one of the things doctor reports, not a reason to stop.
-    doctor.set_defaults(func=cmd_doctor, needs_council=False)
+    # settings_optional: with the CLI change proposed alongside, a bad .env value becomes a ✗ line too.
+    doctor.set_defaults(func=cmd_doctor, needs_council=False, settings_optional=True)

@@ -44,6 +44,9 @@ JITTER_SHARE = 0.3
 SWAP_SLOWDOWN = 3.0
 SWAP_MIN_DELAY_S = 1.0
 MAX_PROBE_REQUESTS = 8
+# Generations shorter than this cannot be timed reliably: the probe retries with RETRY_MAX_TOKENS.
+MIN_GENERATION_S = 0.05
+RETRY_MAX_TOKENS = 128
 MIXED = "mixed models"  # the label of the round that interleaves the models
 
 # Where each server keeps its parallelism setting, recognised by its default port.
@@ -361,6 +364,14 @@ async def _timed_request(client: LLMClient, backend: str, model: str, max_tokens
     return Sample(model, first, last, pieces)
 
 
+def _too_short(r: ProbeRound) -> bool:
+    """Replies came back fine but too quickly (or in one piece) to time their overlap."""
+    lengths = [iv[1] - iv[0] for s in r.ok_samples if (iv := s.interval) is not None and iv[1] > iv[0]]
+    if len(r.ok_samples) < 2:
+        return False
+    return len(lengths) < 2 or statistics.median(lengths) < MIN_GENERATION_S
+
+
 async def _round(client: LLMClient, backend: str, label: str, models: Sequence[str], max_tokens: int,
                  timeout_s: float) -> ProbeRound:
     t0 = time.perf_counter()
@@ -407,7 +418,12 @@ async def probe_parallelism(
             if first.error:
                 rounds.append(analyse_round(model, [model], [first], 0.0))
                 continue
-        rounds.append(await _round(probe, backend_name, model, [model] * n, max_tokens, timeout_s))
+        measured = await _round(probe, backend_name, model, [model] * n, max_tokens, timeout_s)
+        if _too_short(measured) and max_tokens < RETRY_MAX_TOKENS:
+            # A fast server finished before its tokens could be told apart: once more, longer.
+            max_tokens = RETRY_MAX_TOKENS
+            measured = await _round(probe, backend_name, model, [model] * n, max_tokens, timeout_s)
+        rounds.append(measured)
     if len(models) > 1 and any(r.at_once is not None for r in rounds):
         mixed = [models[i % len(models)] for i in range(max(n, len(models)))]
         rounds.append(await _round(probe, backend_name, MIXED, mixed, max_tokens, timeout_s))

@@ -354,3 +354,19 @@ def test_doctor_reports_a_broken_roster_instead_of_stopping(tmp_path: Path) -> N
     assert "✗ council.toml: (syntax): not valid TOML" in proc.stdout and "Fix: correct the line" in proc.stdout
     assert "– backends: not checked: fix council.toml first" in proc.stdout
     assert "✓ Discord token" in proc.stdout and proc.stderr == ""
+
+
+async def test_settings_are_loaded_and_judged_when_the_cli_could_not(tmp_path: Path) -> None:
+    checks = await run_doctor(env_file=None, settings=None, env={"LOG_LEVEL": "LOUD"}, probe=False)
+    assert [(c.name, c.status) for c in checks] == [(".env", "error")]
+    assert "LOG_LEVEL: 'LOUD' is not a log level" in checks[0].line()
+
+
+async def test_a_crashing_backend_check_becomes_a_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def boom(*args: object, **kw: object) -> list[Check]:
+        raise ValueError("unexpected")
+
+    monkeypatch.setattr("bot.doctor.check_backend", boom)
+    checks, out = await doctor(settings_for(write_council(tmp_path / "c.toml", "http://127.0.0.1:9/v1")))
+    assert "✗ backend local: the check itself failed (ValueError: unexpected)" in out
+    assert checks[-1].name == "Discord token"

@@ -219,3 +219,11 @@ async def test_a_request_failing_mid_probe_is_reported() -> None:
         report = await probe(fake, ["m"], warmup=False)
     assert report.at_once == 3 and report.status == "warn"
     assert any("GPU on fire" in f for f in report.findings)
+
+
+async def test_replies_too_short_to_time_are_retried_longer_then_reported() -> None:
+    async with FakeLLM(max_parallel=4, default=Script(text="one")) as fake:
+        report = await probe(fake, ["m"], warmup=False)
+        bodies = [r.body for r in fake.requests if r.path.endswith("/chat/completions")]
+    assert [b["max_tokens"] for b in bodies] == [24] * 4 + [128] * 4
+    assert report.at_once is None and report.status == "warn" and "could not measure" in report.verdict
