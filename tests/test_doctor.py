@@ -370,3 +370,18 @@ async def test_a_crashing_backend_check_becomes_a_line(tmp_path: Path, monkeypat
     checks, out = await doctor(settings_for(write_council(tmp_path / "c.toml", "http://127.0.0.1:9/v1")))
     assert "✗ backend local: the check itself failed (ValueError: unexpected)" in out
     assert checks[-1].name == "Discord token"
+
+
+def test_terminal_output_is_the_same_line_in_colour(monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    out = Terminal()
+    check = Check("backend [local]", "error", "refused [the] connection", "start it")
+    _Printer(out)(check)
+    assert re.sub(r"\x1b\[[0-9;]*m", "", out.getvalue()) == check.line() + "\n"
