@@ -289,6 +289,7 @@ class ShenronBot(commands.Bot):
         kb: KnowledgeBase | None = None,
         stats: CouncilCounters | None = None,
         message_content: bool = True,
+        kb_problem: str = "",
     ) -> None:
         intents = discord.Intents.default()
         # Privileged: lets any message in a council thread continue it. Without it, only
@@ -305,6 +306,7 @@ class ShenronBot(commands.Bot):
         self.engine = engine
         self.session = session
         self.kb = kb
+        self.kb_problem = kb_problem  # why there is no knowledge base, for /health
         self.stats = stats if stats is not None else CouncilCounters()
         self.queue = CouncilQueue(settings.max_concurrent_councils, self)
         self.rounds: set[asyncio.Task[None]] = set()
@@ -413,28 +415,56 @@ async def _serve(bot: ShenronBot, token: str) -> None:
             loop.remove_signal_handler(sig)
 
 
+async def _open_knowledge(settings: Settings, session: aiohttp.ClientSession,
+                          council: CouncilConfig) -> tuple[KnowledgeBase | None, str]:
+    """The knowledge base, or None and why. A broken store should not keep the council offline."""
+    if not settings.kb_enabled:
+        return None, "disabled (KB_ENABLED=false)"
+    from bot.knowledge.knowledge_base import KnowledgeBase as ChromaKnowledgeBase
+
+    try:
+        return await ChromaKnowledgeBase.open(settings, session, council.backends), ""
+    except ConfigError:
+        raise
+    except Exception as exc:
+        log.error("the knowledge base is unavailable; councils run without it: %s", exc)
+        return None, f"unavailable: {exc}"
+
+
 async def run_bot(settings: Settings, council: CouncilConfig, *, kb: KnowledgeBase | None = None) -> int:
-    """Run SHENRON in Discord until SIGINT/SIGTERM. Returns the exit status."""
+    """Run SHENRON in Discord until SIGINT/SIGTERM. Returns the exit status.
+
+    ``kb`` replaces the knowledge base the settings describe (for embedding SHENRON elsewhere).
+    """
     token = check_token(settings.discord_token)
     discord.utils.setup_logging(level=logging.getLevelName(settings.log_level))
     stats = CouncilCounters()
     message_content = True
     async with make_session() as session:
+        kb_problem = ""
+        opened = None
+        if kb is None:
+            opened, kb_problem = await _open_knowledge(settings, session, council)
+            kb = opened
         engine = CouncilEngine(LLMClient(session, council.backends), council)
-        while True:
-            bot = ShenronBot(settings=settings, engine=engine, session=session, kb=kb, stats=stats,
-                             message_content=message_content)
-            try:
-                await _serve(bot, token)
-                return 0
-            except discord.LoginFailure:
-                raise ConfigError(".env", "DISCORD_TOKEN", "Discord rejected the token",
-                                  f"reset it in the {_PORTAL} and paste the new one into .env") from None
-            except discord.PrivilegedIntentsRequired:
-                if not message_content:
-                    raise
-                # Still useful without it: follow-ups then need a mention of the bot.
-                log.warning("the MESSAGE_CONTENT intent is not enabled for this application "
-                            "(Developer Portal → Bot → Privileged Gateway Intents); continuing without it: "
-                            "in council threads, mention the bot to ask a follow-up")
-                message_content = False
+        try:
+            while True:
+                bot = ShenronBot(settings=settings, engine=engine, session=session, kb=kb, stats=stats,
+                                 message_content=message_content, kb_problem=kb_problem)
+                try:
+                    await _serve(bot, token)
+                    return 0
+                except discord.LoginFailure:
+                    raise ConfigError(".env", "DISCORD_TOKEN", "Discord rejected the token",
+                                      f"reset it in the {_PORTAL} and paste the new one into .env") from None
+                except discord.PrivilegedIntentsRequired:
+                    if not message_content:
+                        raise
+                    # Still useful without it: follow-ups then need a mention of the bot.
+                    log.warning("the MESSAGE_CONTENT intent is not enabled for this application "
+                                "(Developer Portal → Bot → Privileged Gateway Intents); continuing without "
+                                "it: in council threads, mention the bot to ask a follow-up")
+                    message_content = False
+        finally:
+            if opened is not None:
+                await opened.close()  # type: ignore[attr-defined]

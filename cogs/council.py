@@ -321,16 +321,16 @@ class CouncilRound:
         await self._final_state(render.render_synthesis_failed(self.synth, None, reason)[0].embeds[0])
 
     async def _final_state(self, synth_embed: discord.Embed) -> None:
-        """Best effort: the thread may be gone, or Discord may refuse; log and move on."""
+        """Best effort, each message on its own: the thread may be gone, or Discord may refuse."""
         try:
             if self.synth_live is not None and not self.synth_live.final:
                 await self.synth_live.finish(embed=synth_embed)
             elif self.synth_live is None:
                 await self.thread.send(embed=synth_embed)
-            if self.board_live is not None:
-                await self.board_live.finish()
         except discord.HTTPException as exc:
-            log.warning("could not write the final state of a round in thread %s: %s", self.thread.id, exc)
+            log.warning("could not post the final synthesis state in thread %s: %s", self.thread.id, exc)
+        if self.board_live is not None:
+            await self.board_live.finish()  # the throttle logs a refused edit itself
 
 
 # --- the cog ------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ class HealthCog(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         bot = self.bot
         backends = await probe_backends(bot.client, bot.council, PROBE_TIMEOUT_S)
-        kb_stats: object = None
+        kb_stats: object = bot.kb_problem or None
         if bot.kb is not None:
             try:
                 kb_stats = await bot.kb.stats()

@@ -640,7 +640,7 @@ def _kb_line(kb_stats: Any) -> str:
 
     parts = []
     for key, label in (("collection", "collection"), ("chunks", "chunks"), ("documents", "documents"),
-                       ("embedder", "embedder"), ("location", "at")):
+                       ("embedder", "embedder"), ("mode", "mode"), ("location", "at")):
         value = get(key)
         if value not in (None, ""):
             parts.append(f"{label} **{value}**")

@@ -147,3 +147,58 @@ async def test_fighters_autocomplete_completes_the_last_name(scene: Scene) -> No
     choices = await scene.alice.autocomplete(scene.channel, "shenron", "fighters", "goku, ve",
                                              question=QUESTION)
     assert [c["value"] for c in choices] == ["goku, VEGETA"]
+
+
+class TestQueueOfThree:
+    @pytest.fixture
+    def knowledge(self) -> GatedKnowledge:
+        return GatedKnowledge()
+
+    @pytest.fixture
+    def bot_settings(self) -> Settings:
+        return Settings(edit_interval_s=0.05, max_concurrent_councils=1)
+
+    async def test_positions_move_up_as_seats_free(
+            self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge) -> None:
+        knowledge.env = scene.env
+        script_council(fake_llm)
+        carol = scene.guild.add_member(scene.env.create_user("carol"))
+        await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
+        await scene.bob.slash(scene.channel, "shenron", question="Laptop?")
+        await carol.slash(scene.channel, "shenron", question="Desktop?")
+        assert board_of(scene, 2).footer.text.startswith("🕒 In the queue — position 2")
+
+        knowledge.gate.set()
+        await scene.env.settle()
+
+        carol_thread = scene.channel.threads[2]
+        shown = [e["footer"]["text"] for r in scene.env.http_requests
+                 if r.path.startswith(f"/channels/{carol_thread.id}/messages") and isinstance(r.json, dict)
+                 for e in r.json.get("embeds", []) if e.get("title", "").startswith("⚔️")]
+        positions = [t for t in shown if t.startswith("🕒 In the queue")]
+        assert [p.split("position ")[1][0] for p in positions] == ["2", "1"]
+        assert all(board_of(scene, i).footer.text.startswith("✅ Done") for i in range(3))
+
+
+class TestBrokenKnowledgeBase:
+    class Broken:
+        async def search(self, query: str) -> list[Passage]:
+            raise OSError("chroma folder is locked by another process")
+
+        async def stats(self) -> None:
+            raise OSError("chroma folder is locked by another process")
+
+    @pytest.fixture
+    def knowledge(self) -> Broken:
+        return self.Broken()
+
+    async def test_the_council_goes_on_without_it(self, scene: Scene, fake_llm: FakeLLM) -> None:
+        script_council(fake_llm)
+        await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
+        board = board_of(scene)
+        assert board.footer.text.startswith("✅ Done · 6/6")
+        assert board.fields[2].value == "knowledge base unavailable for this round"
+
+        health = await scene.admin.slash(scene.channel, "health")
+        fields = {f.name: f.value for f in health.response.embeds[0].fields}
+        assert fields["Knowledge base"] == "❌ chroma folder is locked by another process"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 import time
 
-from tests.discord_fixtures import EDIT_INTERVAL_S, Scene, script_council
+import pytest
+
+from tests.discord_fixtures import EDIT_INTERVAL_S, GatedKnowledge, Scene, script_council
 from tests.factories import NAMES
 from tests.fakeserver import FakeLLM, Script
 
@@ -161,3 +163,39 @@ async def test_model_output_never_pings(scene: Scene, fake_llm: FakeLLM) -> None
                 if m.embeds[0].author.name and "GOKU" in m.embeds[0].author.name)
     assert goku.description == "@\u200beveryone listen: ZFS! <@\u200b42>"
     assert thread.name == "everyone what now?"
+
+
+async def test_a_discord_failure_mid_council_still_ends_in_a_final_state(scene: Scene, fake_llm: FakeLLM) -> None:
+    script_council(fake_llm)
+    scene.env.inject_error("POST", "/channels/*/messages", status=403, code=50013,
+                           message="Missing Permissions", times=None)
+    await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
+
+    # Even the board could not be posted: nothing is left looking alive, and the bot noticed.
+    assert scene.bot_messages(scene.thread()) == []
+    assert scene.bot.stats.failed == 1 and not scene.bot.rounds
+
+
+class TestPermissionLostMidRound:
+    @pytest.fixture
+    def knowledge(self) -> GatedKnowledge:
+        return GatedKnowledge()
+
+    async def test_the_board_still_ends_in_a_final_state(
+            self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge) -> None:
+        knowledge.env = scene.env
+        script_council(fake_llm)
+        await scene.alice.slash(scene.channel, "shenron", question=QUESTION)  # held in retrieval
+        thread = scene.thread()
+        # The bot loses Send Messages in the thread; edits of its own messages still work.
+        scene.env.inject_error("POST", f"/channels/{thread.id}/messages", status=403, code=50013,
+                               message="Missing Permissions", times=None)
+        knowledge.gate.set()
+        await scene.env.settle()
+
+        [board_message] = scene.bot_messages(thread)
+        board = board_message.embeds[0]
+        assert board.footer.text.startswith("❌ SHENRON hit an error (Forbidden)")
+        assert board.colour.value == 0xED4245
+        assert not any(line.startswith(("⏳", "💭", "✍️")) for line in board.fields[0].value.splitlines())
+        assert scene.bot.stats.failed == 1 and not scene.bot.rounds

@@ -8,7 +8,7 @@ import discord
 import pytest
 
 from bot.discord_bot import ShenronBot
-from tests.discord_fixtures import Scene, script_council
+from tests.discord_fixtures import GatedKnowledge, Scene, script_council
 from tests.fakeserver import FakeLLM, Script
 
 QUESTION = "Should I run ZFS or ext4 on my R730?"
@@ -104,3 +104,36 @@ class TestWithoutMessageContent:
         assert [(b.title, b.description) for b in boards(scene)][-1] == ("⚔️ Council — round 2", FOLLOW_UP)
         [messages] = fighter_messages_sent(fake_llm, "goku")
         assert [m["content"] for m in messages[1:]] == [QUESTION, "Use ZFS, with ECC RAM.", FOLLOW_UP]
+
+
+async def test_shenron_inside_a_council_thread_continues_it(scene: Scene, fake_llm: FakeLLM) -> None:
+    await first_round(scene, fake_llm)
+    thread = scene.thread()
+    result = await scene.bob.slash(thread, "shenron", question=FOLLOW_UP)
+
+    assert not result.ephemeral and len(scene.channel.threads) == 1  # no thread inside the thread
+    assert [(b.title, b.description) for b in boards(scene)][-1] == ("⚔️ Council — round 2", FOLLOW_UP)
+    [messages] = fighter_messages_sent(fake_llm, "goku")
+    assert [m["content"] for m in messages[1:]] == [QUESTION, "Use ZFS, with ECC RAM.", FOLLOW_UP]
+
+
+class TestWhileARoundRuns:
+    @pytest.fixture
+    def knowledge(self) -> GatedKnowledge:
+        return GatedKnowledge()
+
+    async def test_a_second_follow_up_waits_its_turn(
+            self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge) -> None:
+        knowledge.env = scene.env
+        script_council(fake_llm)
+        await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
+        thread = scene.thread()
+
+        reply_to = await scene.bob.send(thread, FOLLOW_UP)
+
+        answer = scene.bot_messages(thread)[-1]
+        assert answer.content.startswith("A round is still running in this thread")
+        assert answer.reference is not None and answer.reference.message_id == reply_to.id
+        knowledge.gate.set()
+        await scene.env.settle()
+        assert len(boards(scene)) == 1 and boards(scene)[0].footer.text.startswith("✅ Done")
