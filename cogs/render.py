@@ -512,7 +512,10 @@ def synthesis_footer(result: CouncilResult) -> str:
 def render_timeline(result: CouncilResult, width: int = 24) -> discord.Embed:
     """The round as text bars: ░ waiting for the first token, █ generating, on one time axis."""
     rows = timeline_text(result, width=width)
-    axis = f"0 s{' ' * max(1, width - 6)}{fmt_s(result.stats.wall_s)}"
+    first = rows.splitlines()[0] if rows else ""
+    offset = first.index("│") + 1 if "│" in first else 0  # the axis starts under the bars
+    end = fmt_s(result.stats.wall_s)
+    axis = " " * offset + "0 s".ljust(max(4, width - len(end))) + end
     body = f"```\n{rows}\n{axis}\n```"
     if len(body) > DESCRIPTION_LIMIT:
         body = f"```\n{clip(rows, DESCRIPTION_LIMIT - 20)}\n```"
