@@ -32,26 +32,24 @@ def skip_reason(data: bytes, name: str) -> str:
 
 # --- Markdown ------------------------------------------------------------------------------------
 
-def test_markdown_sections_follow_headings_with_their_trail() -> None:
+def test_markdown_sections_follow_the_nearest_heading() -> None:
     doc = read_document(RUNBOOK.encode(), "docs/runbook.md")
     assert doc.kind == "markdown"
     assert doc.title == "Homelab runbook"  # from the front matter, which is not text
-    assert [(s.heading, s.path) for s in doc.sections] == [
-        ("RAID", ("Homelab runbook", "Storage", "RAID")),
-        ("Backups", ("Homelab runbook", "Backups")),
-        ("Networking", ("Homelab runbook", "Networking")),
-    ]
+    assert [s.heading for s in doc.sections] == ["RAID", "Backups", "Networking"]
     assert "mdadm --add" in doc.sections[0].text
     assert all("title:" not in s.text for s in doc.sections)
 
 
 def test_markdown_fenced_code_is_not_a_heading_and_setext_headings_are() -> None:
     text = ("Intro before any heading.\n\nInstall\n=======\n\n```sh\n# not a heading\nmake\n```\n\n"
-            "Usage\n-----\nRun it.\n")
+            "Usage\n-----\nRun it.\n\n# Second\n\n### Deep\nthree\n\n## Back\ntwo\n")
     doc = read_document(text.encode(), "README.md")
     assert doc.title == "Install"  # first level-1 heading when there is no front matter
-    assert [(s.heading, s.path) for s in doc.sections] == [("", ()), ("Install", ("Install",)),
-                                                           ("Usage", ("Install", "Usage"))]
+    assert [(s.heading, s.text) for s in doc.sections][1:] == [
+        ("Install", "```sh\n# not a heading\nmake\n```"), ("Usage", "Run it."), ("Deep", "three"),
+        ("Back", "two")]
+    assert doc.sections[0] == Section("", "Intro before any heading.")
     assert "# not a heading" in doc.sections[1].text
 
 
@@ -66,7 +64,7 @@ def test_html_text_without_scripts_or_styles_under_its_headings() -> None:
     doc = read_document(GARDEN.encode(), "garden.html")
     assert doc.kind == "html"
     assert doc.title == "Garden notes"
-    assert [(s.heading, s.path) for s in doc.sections] == [("Tomatoes", ("Garden notes", "Tomatoes"))]
+    assert [s.heading for s in doc.sections] == ["Tomatoes"]
     text = doc.sections[0].text
     assert "Water the tomato plants deeply twice a week and feed them with compost in July." in text
     assert "alert" not in text and "color" not in text
@@ -154,7 +152,7 @@ def test_small_sections_are_one_chunk_each_and_never_cross_headings() -> None:
 
 def test_long_sections_split_at_paragraphs_within_the_limit_with_overlap() -> None:
     paragraphs = [f"Paragraph {i} says something specific about disk number {i}. " * 4 for i in range(12)]
-    section = Section("Disks", ("Manual", "Disks"), "\n\n".join(p.strip() for p in paragraphs))
+    section = Section("Disks", "\n\n".join(p.strip() for p in paragraphs))
     chunks = chunk_sections([section])
     assert len(chunks) > 3
     assert all(len(c.text) <= MAX_CHARS for c in chunks)
@@ -170,7 +168,7 @@ def test_long_sections_split_at_paragraphs_within_the_limit_with_overlap() -> No
 def test_a_paragraph_longer_than_a_chunk_splits_at_sentences_then_spaces() -> None:
     sentences = " ".join(f"Sentence {i} is here." for i in range(200))
     giant_word = "x" * (MAX_CHARS * 2)
-    chunks = chunk_sections([Section("", (), f"{sentences}\n\n{giant_word}")])
+    chunks = chunk_sections([Section("", f"{sentences}\n\n{giant_word}")])
     assert all(len(c.text) <= MAX_CHARS for c in chunks)
     assert all(c.text.endswith(".") for c in chunks if "x" * 10 not in c.text)
     joined = "".join(c.text for c in chunks)
@@ -179,9 +177,10 @@ def test_a_paragraph_longer_than_a_chunk_splits_at_sentences_then_spaces() -> No
 
 
 def test_embedding_text_names_where_the_chunk_sits() -> None:
-    chunk = Chunk(0, "RAID", ("Homelab runbook", "Storage", "RAID"), "Replace the disk.")
-    assert chunk.embedding_text("Homelab runbook") == "Homelab runbook › Storage › RAID\nReplace the disk."
-    assert Chunk(0, "", (), "Body.").embedding_text("power") == "power\nBody."
+    chunk = Chunk(0, "RAID", "Replace the disk.")
+    assert chunk.embedding_text("Homelab runbook") == "RAID\nReplace the disk."
+    assert Chunk(0, "", "Body.").embedding_text("power") == "power\nBody."
+    assert Chunk(0, "", "Body.").embedding_text("") == "Body."
 
 
 # --- prompt text ---------------------------------------------------------------------------------

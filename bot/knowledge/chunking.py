@@ -25,13 +25,16 @@ _SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+")
 class Chunk:
     index: int  # position in its document, from 0
     heading: str
-    path: tuple[str, ...]
     text: str
 
     def embedding_text(self, title: str) -> str:
-        """What is embedded: where the chunk sits ("Runbook › Storage › RAID"), then the chunk."""
-        trail = [title, *self.path] if title and (not self.path or self.path[0] != title) else list(self.path)
-        return f"{' › '.join(trail)}\n{self.text}" if trail else self.text
+        """What is embedded: the nearest heading (else the document's title), then the chunk.
+
+        The heading names the topic of text that may not repeat it; the whole trail or the title
+        on every chunk measured worse with MiniLM (mean pooling dilutes the text with them).
+        """
+        label = self.heading or title
+        return f"{label}\n{self.text}" if label else self.text
 
 
 def _pieces(text: str, max_chars: int) -> Iterator[tuple[str, str]]:
@@ -73,12 +76,12 @@ def chunk_sections(sections: Iterable[Section], max_chars: int = MAX_CHARS,
         current = ""
         for sep, piece in _pieces(section.text, max_chars):
             if current and len(current) + len(sep) + len(piece) > max_chars:
-                chunks.append(Chunk(len(chunks), section.heading, section.path, current))
+                chunks.append(Chunk(len(chunks), section.heading, current))
                 carried = _tail(current, overlap)
                 fits = len(carried) + len(sep) + len(piece) <= max_chars
                 current = f"{carried}{sep}{piece}" if carried and fits else piece
             else:
                 current = f"{current}{sep}{piece}" if current else piece
         if current:
-            chunks.append(Chunk(len(chunks), section.heading, section.path, current))
+            chunks.append(Chunk(len(chunks), section.heading, current))
     return chunks

@@ -45,7 +45,6 @@ class SkipFile(Exception):
 @dataclass(frozen=True, slots=True)
 class Section:
     heading: str  # nearest heading above the text ("" before the first one)
-    path: tuple[str, ...]  # the headings above it, outermost first
     text: str
 
 
@@ -77,7 +76,7 @@ def read_document(data: bytes, source: str) -> Document:
         elif suffix in MARKDOWN:
             title, sections, kind = *_read_markdown(text, stem), "markdown"
         else:
-            title, sections, kind = stem, [Section("", (), text.strip())], "text"
+            title, sections, kind = stem, [Section("", text.strip())], "text"
     kept = tuple(s for s in sections if s.text.strip())
     if not kept:
         what = "no text layer (a scanned PDF?)" if kind == "pdf" else "no text"
@@ -122,8 +121,7 @@ class _Outline:
     def flush(self) -> None:
         text = "\n".join(self.lines).strip()
         if text:
-            heading = self.stack[-1][1] if self.stack else ""
-            self.sections.append(Section(heading, tuple(h for _, h in self.stack), text))
+            self.sections.append(Section(self.stack[-1][1] if self.stack else "", text))
         self.lines = []
 
     def heading(self, level: int, title: str) -> None:
@@ -275,7 +273,7 @@ def _read_pdf(data: bytes, stem: str) -> tuple[str, list[Section]]:
         for number, page in enumerate(reader.pages, 1):
             text = (page.extract_text() or "").strip()
             if text:
-                sections.append(Section(f"page {number}", (f"page {number}",), text))
+                sections.append(Section(f"page {number}", text))
     except SkipFile:
         raise
     except Exception as exc:

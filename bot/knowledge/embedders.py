@@ -157,7 +157,7 @@ def ensure_chroma_model(folder: Path, url: str, sha256: str, archive: str = "onn
             with httpx.stream("GET", url, timeout=httpx.Timeout(10.0, read=min(30.0, timeout_s)),
                               follow_redirects=True) as resp, partial.open("wb") as out:
                 resp.raise_for_status()
-                for block in resp.iter_bytes(1 << 16):
+                for block in resp.iter_bytes():  # as it arrives, so the deadline is checked
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"not finished after {timeout_s:g} s")
                     out.write(block)

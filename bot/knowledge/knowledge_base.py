@@ -35,7 +35,6 @@ from bot.knowledge.store import ChromaStore, SourceInfo
 log = logging.getLogger(__name__)
 
 EMBED_BATCH = 32  # chunks per embedding call: keeps a big file from hogging the model
-PATH_SEPARATOR = " › "
 
 Status = Literal["added", "replaced", "unchanged", "skipped"]
 
@@ -269,7 +268,6 @@ def _metadata(doc: Document, chunk: Chunk, total: int, now: float) -> dict[str, 
         "title": doc.title,
         "kind": doc.kind,
         "heading": chunk.heading,
-        "heading_path": PATH_SEPARATOR.join(chunk.path),
         "chunk": chunk.index,
         "chunks": total,
         "content_hash": doc.content_hash,
@@ -278,6 +276,4 @@ def _metadata(doc: Document, chunk: Chunk, total: int, now: float) -> dict[str, 
 
 
 def _stored_chunk(text: str, meta: Mapping[str, Any]) -> Chunk:
-    path = str(meta.get("heading_path", ""))
-    return Chunk(int(meta.get("chunk", 0)), str(meta.get("heading", "")),
-                 tuple(path.split(PATH_SEPARATOR)) if path else (), text)
+    return Chunk(int(meta.get("chunk", 0)), str(meta.get("heading", "")), text)
