@@ -127,6 +127,10 @@ class Metrics:
     def set_queue_length(self, n: int) -> None:
         self.queue_length.set(max(n, 0))
 
+    def queue_length_from(self, read: Callable[[], float]) -> None:
+        """Read the queue length at every scrape instead (e.g. ``lambda: bot.queue.queued``)."""
+        self.queue_length.set_function(read)
+
     # -- events -----------------------------------------------------------------------------
 
     def observe(self, event: Event) -> None:

@@ -123,7 +123,10 @@ async def test_queue_knowledge_base_and_parallelism_gauges(serve) -> None:
     assert m[("shenron_backend_parallel_requests", labels(backend="ollama"))] == 0
     assert m[("shenron_councils_in_flight", ())] == 1
     metrics.council_ended()
-    assert (await scrape(server))[("shenron_councils_in_flight", ())] == 0
+    waiting = [1, 2]
+    metrics.queue_length_from(lambda: len(waiting))
+    m = await scrape(server)
+    assert m[("shenron_councils_in_flight", ())] == 0 and m[("shenron_council_queue_length", ())] == 2
 
 
 async def test_two_bots_in_one_process_keep_their_own_figures(serve) -> None:
