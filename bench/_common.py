@@ -82,7 +82,7 @@ def system_busy_s() -> float:
     return (sum(parts[:8]) - idle) / _CLK_TCK  # user..steal, without guest (already in user)
 
 
-def wait_quiet(max_wait_s: float = 15.0, below_cores: float = 0.3, window_s: float = 0.5) -> float:
+def wait_quiet(max_wait_s: float = 8.0, below_cores: float = 0.3, window_s: float = 0.5) -> float:
     """Wait (up to max_wait_s) until the machine's CPU use over window_s is under below_cores.
 
     Other work on a shared machine competes with the benchmark for the same cores; returns the

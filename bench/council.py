@@ -18,7 +18,7 @@ path of a council is the scripted duration of its slowest fighter plus the synth
 
 Prints a table (figure, target, PASS/FAIL) and writes bench/results/council.json. The machine may
 be shared: the CPU other processes used during each load round is measured and reported, and a
-load round waits (up to 15 s) for the machine to be quiet before it starts.
+load round waits (up to 8 s) for the machine to be quiet before it starts.
 """
 
 from __future__ import annotations
