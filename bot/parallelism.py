@@ -235,7 +235,7 @@ def _parallel_setting(server: str, want: int) -> str:
         return per_server[server]
     return (f"raise the server's parallelism to {want} (Ollama: OLLAMA_NUM_PARALLEL={want} in its environment; "
             f"LM Studio: \"Max Concurrent Predictions\" in the model's load settings; llama.cpp: llama-server "
-            f"--parallel {want}; vLLM needs nothing)")
+            f"--parallel {want}; vLLM batches by itself, so look for a proxy in front of it)")
 
 
 def _swap_setting(server: str, models: int) -> str:
