@@ -54,17 +54,33 @@ class KnowledgeBase(Protocol):
 def check_token(token: str | None) -> str:
     """The token, or a ConfigError saying what is wrong with it. Never echoes the token."""
     if not token:
-        raise ConfigError(".env", "DISCORD_TOKEN", "is not set",
-                          f"copy the bot token from the {_PORTAL} and put DISCORD_TOKEN=<token> in .env")
+        raise ConfigError(
+            ".env",
+            "DISCORD_TOKEN",
+            "is not set",
+            f"copy the bot token from the {_PORTAL} and put DISCORD_TOKEN=<token> in .env",
+        )
     if token.lower().startswith("bot "):
-        raise ConfigError(".env", "DISCORD_TOKEN", "starts with 'Bot '",
-                          "put only the token itself in .env, without the 'Bot ' prefix")
+        raise ConfigError(
+            ".env",
+            "DISCORD_TOKEN",
+            "starts with 'Bot '",
+            "put only the token itself in .env, without the 'Bot ' prefix",
+        )
     if any(c in token for c in "\"' \t"):
-        raise ConfigError(".env", "DISCORD_TOKEN", "contains quotes or spaces",
-                          "write it as DISCORD_TOKEN=<token> with nothing around the token")
+        raise ConfigError(
+            ".env",
+            "DISCORD_TOKEN",
+            "contains quotes or spaces",
+            "write it as DISCORD_TOKEN=<token> with nothing around the token",
+        )
     if not _TOKEN_RE.match(token):
-        raise ConfigError(".env", "DISCORD_TOKEN", "does not look like a bot token (three parts separated by dots)",
-                          f"copy it again from the {_PORTAL}; the application ID and client secret are not the token")
+        raise ConfigError(
+            ".env",
+            "DISCORD_TOKEN",
+            "does not look like a bot token (three parts separated by dots)",
+            f"copy it again from the {_PORTAL}; the application ID and client secret are not the token",
+        )
     return token
 
 
@@ -78,8 +94,7 @@ class LiveMessage:
     edits cost one edit. ``finish()`` writes the final state and stops further updates.
     """
 
-    def __init__(self, message: discord.Message, throttle: EditThrottle,
-                 render: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, message: discord.Message, throttle: EditThrottle, render: Callable[[], dict[str, Any]]) -> None:
         self.message = message
         self.throttle = throttle
         self.render = render
@@ -336,8 +351,9 @@ class ShenronBot(commands.Bot):
             # A development guild gets the commands instantly; copy the global ones there.
             self.tree.copy_global_to(guild=guild)
         synced = await self.tree.sync(guild=guild)
-        log.info("synced %d commands %s", len(synced),
-                 f"to guild {self.settings.dev_guild_id}" if guild else "globally")
+        log.info(
+            "synced %d commands %s", len(synced), f"to guild {self.settings.dev_guild_id}" if guild else "globally"
+        )
 
     async def on_ready(self) -> None:
         log.info("logged in as %s (%s) in %d guilds", self.user, self.user and self.user.id, len(self.guilds))
@@ -415,8 +431,9 @@ async def _serve(bot: ShenronBot, token: str) -> None:
             loop.remove_signal_handler(sig)
 
 
-async def _open_knowledge(settings: Settings, session: aiohttp.ClientSession,
-                          council: CouncilConfig) -> tuple[KnowledgeBase | None, str]:
+async def _open_knowledge(
+    settings: Settings, session: aiohttp.ClientSession, council: CouncilConfig
+) -> tuple[KnowledgeBase | None, str]:
     """The knowledge base, or None and why. A broken store should not keep the council offline."""
     if not settings.kb_enabled:
         return None, "disabled (KB_ENABLED=false)"
@@ -449,21 +466,34 @@ async def run_bot(settings: Settings, council: CouncilConfig, *, kb: KnowledgeBa
         engine = CouncilEngine(LLMClient(session, council.backends), council)
         try:
             while True:
-                bot = ShenronBot(settings=settings, engine=engine, session=session, kb=kb, stats=stats,
-                                 message_content=message_content, kb_problem=kb_problem)
+                bot = ShenronBot(
+                    settings=settings,
+                    engine=engine,
+                    session=session,
+                    kb=kb,
+                    stats=stats,
+                    message_content=message_content,
+                    kb_problem=kb_problem,
+                )
                 try:
                     await _serve(bot, token)
                     return 0
                 except discord.LoginFailure:
-                    raise ConfigError(".env", "DISCORD_TOKEN", "Discord rejected the token",
-                                      f"reset it in the {_PORTAL} and paste the new one into .env") from None
+                    raise ConfigError(
+                        ".env",
+                        "DISCORD_TOKEN",
+                        "Discord rejected the token",
+                        f"reset it in the {_PORTAL} and paste the new one into .env",
+                    ) from None
                 except discord.PrivilegedIntentsRequired:
                     if not message_content:
                         raise
                     # Still useful without it: follow-ups then need a mention of the bot.
-                    log.warning("the MESSAGE_CONTENT intent is not enabled for this application "
-                                "(Developer Portal → Bot → Privileged Gateway Intents); continuing without "
-                                "it: in council threads, mention the bot to ask a follow-up")
+                    log.warning(
+                        "the MESSAGE_CONTENT intent is not enabled for this application "
+                        "(Developer Portal → Bot → Privileged Gateway Intents); continuing without "
+                        "it: in council threads, mention the bot to ask a follow-up"
+                    )
                     message_content = False
         finally:
             if opened is not None:

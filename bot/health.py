@@ -51,14 +51,12 @@ def users_of(council: CouncilConfig, backend: str) -> list[tuple[str, str]]:
 
 def missing_models(council: CouncilConfig, backend: str, served: Sequence[str]) -> tuple[str, ...]:
     """Who on the roster names a model that ``backend`` does not list."""
-    return tuple(
-        who for who, model in users_of(council, backend)
-        if not any(_same_model(model, m) for m in served)
-    )
+    return tuple(who for who, model in users_of(council, backend) if not any(_same_model(model, m) for m in served))
 
 
-async def probe_backend(client: LLMClient, council: CouncilConfig, name: str,
-                        timeout_s: float = DEFAULT_PROBE_TIMEOUT_S) -> BackendHealth:
+async def probe_backend(
+    client: LLMClient, council: CouncilConfig, name: str, timeout_s: float = DEFAULT_PROBE_TIMEOUT_S
+) -> BackendHealth:
     backend = council.backends[name]
     started = time.perf_counter()
     try:
@@ -73,12 +71,20 @@ async def probe_backend(client: LLMClient, council: CouncilConfig, name: str,
         missing: tuple[str, ...] = ()
     else:
         missing = missing_models(council, name, models)
-    return BackendHealth(name=name, base_url=backend.base_url, reachable=True, latency_s=latency,
-                         models=tuple(models), missing=missing, notes=notes)
+    return BackendHealth(
+        name=name,
+        base_url=backend.base_url,
+        reachable=True,
+        latency_s=latency,
+        models=tuple(models),
+        missing=missing,
+        notes=notes,
+    )
 
 
-async def probe_backends(client: LLMClient, council: CouncilConfig,
-                         timeout_s: float = DEFAULT_PROBE_TIMEOUT_S) -> list[BackendHealth]:
+async def probe_backends(
+    client: LLMClient, council: CouncilConfig, timeout_s: float = DEFAULT_PROBE_TIMEOUT_S
+) -> list[BackendHealth]:
     """Every backend, probed at the same time, in the roster file's order."""
     names = list(council.backends)
     return list(await asyncio.gather(*(probe_backend(client, council, n, timeout_s) for n in names)))

@@ -53,8 +53,7 @@ BUSY_THREAD = "A round is still running in this thread — wait for SHENRON's an
 # --- who may ask --------------------------------------------------------------------------
 
 
-def access_refusal(bot: ShenronBot, guild_id: int | None, channel: object,
-                   role_ids: Sequence[int]) -> str | None:
+def access_refusal(bot: ShenronBot, guild_id: int | None, channel: object, role_ids: Sequence[int]) -> str | None:
     """Why this user may not convene a council here, or None. Empty allow-lists allow everyone."""
     s = bot.settings
     if s.allowed_guild_ids and guild_id not in s.allowed_guild_ids:
@@ -104,8 +103,7 @@ def parse_fighters(text: str | None, roster: Sequence[Fighter]) -> tuple[str, ..
     wanted = [w.strip() for w in re.split(r"[,\s]+", text) if w.strip()]
     unknown = [w for w in wanted if w.upper() not in by_name]
     if unknown:
-        raise ValueError(f"No fighter named {', '.join(unknown)}. Choose from: "
-                         f"{', '.join(f.name for f in roster)}.")
+        raise ValueError(f"No fighter named {', '.join(unknown)}. Choose from: {', '.join(f.name for f in roster)}.")
     return tuple(dict.fromkeys(by_name[w.upper()] for w in wanted))
 
 
@@ -161,15 +159,17 @@ class CouncilRound:
         wall: float | None = None
         try:
             board_message = await self.thread.send(embed=render.render_board(self.board))
-            self.board_live = LiveMessage(board_message, self.bot.throttle(self.thread.id),
-                                          lambda: {"embed": render.render_board(self.board)})
+            self.board_live = LiveMessage(
+                board_message, self.bot.throttle(self.thread.id), lambda: {"embed": render.render_board(self.board)}
+            )
             async with self.bot.queue.seat(self._queued):
                 passages = await self._retrieve()
                 self.board.phase = "running"
                 self.board.queue_position = None
                 self.board_live.touch()
-                events = self.bot.engine.run(self.request.question, self.request.history, passages,
-                                             fighters=self.request.fighters)
+                events = self.bot.engine.run(
+                    self.request.question, self.request.history, passages, fighters=self.request.fighters
+                )
                 async with aclosing(events):
                     async for event in events:
                         await self._on_event(event)
@@ -184,8 +184,10 @@ class CouncilRound:
         except Exception as exc:
             log.exception("council round in thread %s failed", self.thread.id)
             self.bot.stats.record(ok=False, wall_s=wall)
-            await self._end_failed(f"SHENRON hit an error ({exc.__class__.__name__}); the details are in "
-                                   "the bot's log. Ask again to retry.")
+            await self._end_failed(
+                f"SHENRON hit an error ({exc.__class__.__name__}); the details are in "
+                "the bot's log. Ask again to retry."
+            )
 
     def _queued(self, position: int) -> None:
         self.board.phase = "queued"
@@ -248,8 +250,9 @@ class CouncilRound:
                 self.synth_note = "" if not fallback else "the first model failed; trying the fallback"
                 if self.synth_live is None:
                     message = await self.thread.send(embed=self._render_synth_live())
-                    self.synth_live = LiveMessage(message, self.bot.throttle(self.thread.id),
-                                                  lambda: {"embed": self._render_synth_live()})
+                    self.synth_live = LiveMessage(
+                        message, self.bot.throttle(self.thread.id), lambda: {"embed": self._render_synth_live()}
+                    )
                 else:
                     self.synth_live.touch()
             case SynthesisToken(text=text, reset=reset):
@@ -278,8 +281,9 @@ class CouncilRound:
         return sum(1 for s in self.board.seats if s.state == "done")
 
     def _render_synth_live(self) -> discord.Embed:
-        return render.render_synthesis_live(self.synth, self.synth_text, model=self.synth_model,
-                                            fallback=self.synth_fallback, note=self.synth_note)
+        return render.render_synthesis_live(
+            self.synth, self.synth_text, model=self.synth_model, fallback=self.synth_fallback, note=self.synth_note
+        )
 
     # -- endings -----------------------------------------------------------------------------
 
@@ -340,8 +344,9 @@ async def read_thread(thread: discord.Thread, bot_id: int) -> tuple[list[Turn], 
     """(history, rounds so far) from the thread itself, so it survives restarts."""
     messages = [m async for m in thread.history(limit=HISTORY_MESSAGES)]
     messages.reverse()
-    rounds = sum(1 for m in messages if m.author.id == bot_id
-                 for e in m.embeds if render.BOARD_TITLE_RE.match(e.title or ""))
+    rounds = sum(
+        1 for m in messages if m.author.id == bot_id for e in m.embeds if render.BOARD_TITLE_RE.match(e.title or "")
+    )
     return render.rebuild_history(messages, bot_id), rounds
 
 
@@ -381,8 +386,7 @@ class CouncilCog(commands.Cog):
         user = interaction.user
         roles = [r.id for r in getattr(user, "roles", ())]
         channel = interaction.channel
-        refusal = access_refusal(self.bot, interaction.guild_id, channel, roles) or self.gate.refusal(
-            self.bot, user.id)
+        refusal = access_refusal(self.bot, interaction.guild_id, channel, roles) or self.gate.refusal(self.bot, user.id)
         picked: tuple[str, ...] | None = None
         if refusal is None:
             try:
@@ -406,7 +410,8 @@ class CouncilCog(commands.Cog):
             await interaction.response.defer(thinking=True)
             council = [f for f in self.bot.council.fighters if picked is None or f.name in picked]
             header = await interaction.edit_original_response(
-                embed=render.render_question_header(question, user.display_name, council, context))
+                embed=render.render_question_header(question, user.display_name, council, context)
+            )
             history: Sequence[Turn] = ()
             round_no = 1
             if isinstance(channel, discord.Thread):
@@ -415,31 +420,49 @@ class CouncilCog(commands.Cog):
                 history, rounds = await read_thread(thread, self.bot.user.id if self.bot.user else 0)
                 round_no = rounds + 1
             else:
-                thread = await header.create_thread(name=render.thread_name(question),
-                                                    auto_archive_duration=THREAD_ARCHIVE_MIN)
-            self._start(RoundRequest(question=question, user_id=user.id, thread=thread, round_no=round_no,
-                                     history=history, fighters=picked, use_context=context))
+                thread = await header.create_thread(
+                    name=render.thread_name(question), auto_archive_duration=THREAD_ARCHIVE_MIN
+                )
+            self._start(
+                RoundRequest(
+                    question=question,
+                    user_id=user.id,
+                    thread=thread,
+                    round_no=round_no,
+                    history=history,
+                    fighters=picked,
+                    use_context=context,
+                )
+            )
             started = True
         except discord.Forbidden:
             log.warning("missing permissions to open a council thread in channel %s", interaction.channel_id)
             await interaction.edit_original_response(
                 content="I could not open a thread here: I need **Create Public Threads** and **Send "
-                        "Messages in Threads** in this channel.", embed=None)
+                "Messages in Threads** in this channel.",
+                embed=None,
+            )
         finally:
             if not started:
                 self.gate.release(user.id)
 
     @shenron.autocomplete("fighters")
-    async def _fighters_autocomplete(self, interaction: discord.Interaction,
-                                     current: str) -> list[app_commands.Choice[str]]:
+    async def _fighters_autocomplete(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
         # Complete the last name of a comma-separated list, keeping the ones already typed.
         done, _, last = current.rpartition(",")
         chosen = {w.strip().upper() for w in done.split(",") if w.strip()}
         prefix = f"{done}, " if done.strip() else ""
-        names = [f.name for f in self.bot.council.fighters
-                 if f.name.upper() not in chosen and f.name.upper().startswith(last.strip().upper())]
-        return [app_commands.Choice(name=render.clip(prefix + n, 100), value=render.clip(prefix + n, 100))
-                for n in names[:25]]
+        names = [
+            f.name
+            for f in self.bot.council.fighters
+            if f.name.upper() not in chosen and f.name.upper().startswith(last.strip().upper())
+        ]
+        return [
+            app_commands.Choice(name=render.clip(prefix + n, 100), value=render.clip(prefix + n, 100))
+            for n in names[:25]
+        ]
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
@@ -473,8 +496,15 @@ class CouncilCog(commands.Cog):
         except BaseException:
             self.gate.release(message.author.id)
             raise
-        self._start(RoundRequest(question=render.clip(question, FOLLOW_UP_MAX), user_id=message.author.id,
-                                 thread=thread, round_no=rounds + 1, history=history))
+        self._start(
+            RoundRequest(
+                question=render.clip(question, FOLLOW_UP_MAX),
+                user_id=message.author.id,
+                thread=thread,
+                round_no=rounds + 1,
+                history=history,
+            )
+        )
 
 
 async def setup(bot: commands.Bot) -> None:

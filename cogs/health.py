@@ -71,8 +71,9 @@ class HealthCog(commands.Cog):
         )
         await interaction.followup.send(embed=embed, ephemeral=True)
 
-    async def cog_app_command_error(self, interaction: discord.Interaction,
-                                    error: app_commands.AppCommandError) -> None:
+    async def cog_app_command_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
         if isinstance(error, app_commands.MissingPermissions):
             await interaction.response.send_message("Only server administrators can use /health.", ephemeral=True)
 

@@ -341,8 +341,7 @@ class Board:
         return None
 
     @classmethod
-    def for_round(cls, question: str, round_no: int, fighters: Iterable[Fighter],
-                  synthesizer: Synthesizer) -> Board:
+    def for_round(cls, question: str, round_no: int, fighters: Iterable[Fighter], synthesizer: Synthesizer) -> Board:
         return cls(
             question=question,
             round_no=round_no,
@@ -457,8 +456,9 @@ def render_answer(fighter: Fighter | None, answer: FighterAnswer) -> list[Outgoi
 def render_failure(fighter: Fighter | None, answer: FighterAnswer) -> discord.Embed:
     """A red embed that says, in words a user can act on, why this fighter has no answer."""
     embed = discord.Embed(
-        description=clip(f"**{error_label(answer.error_kind)}** — {neutralize_mentions(answer.error)}",
-                         DESCRIPTION_LIMIT),
+        description=clip(
+            f"**{error_label(answer.error_kind)}** — {neutralize_mentions(answer.error)}", DESCRIPTION_LIMIT
+        ),
         colour=COLOUR_FAILED,
     )
     embed.set_author(name=clip(f"❌ {_author(fighter, answer.fighter)}", AUTHOR_LIMIT))
@@ -474,13 +474,14 @@ def synthesis_title(synth: Synthesizer, i: int = 0, count: int = 1) -> str:
     return title if count == 1 else f"{title} ({i + 1}/{count})"
 
 
-def render_synthesis_live(synth: Synthesizer, text: str, *, model: str = "", fallback: bool = False,
-                          note: str = "") -> discord.Embed:
+def render_synthesis_live(
+    synth: Synthesizer, text: str, *, model: str = "", fallback: bool = False, note: str = ""
+) -> discord.Embed:
     """The synthesis while it streams: the newest text, and a footer that says it is still writing."""
     body = neutralize_mentions(text.strip())
     if len(body) > DESCRIPTION_LIMIT:
         # Show the end: that is where the text is growing. The final render splits it properly.
-        body = "…" + body[-(DESCRIPTION_LIMIT - 1):]
+        body = "…" + body[-(DESCRIPTION_LIMIT - 1) :]
     embed = discord.Embed(
         title=f"{synth.emoji} {synth.name} is writing…",
         description=body or f"*{note or 'weighing the answers…'}*",
@@ -536,8 +537,7 @@ def render_synthesis_final(synth: Synthesizer, result: CouncilResult) -> list[Ou
             embed.set_footer(text=footer)
         return embed
 
-    return long_text_messages(result.synthesis.text, make, filename="synthesis.md",
-                              tail=[render_timeline(result)])
+    return long_text_messages(result.synthesis.text, make, filename="synthesis.md", tail=[render_timeline(result)])
 
 
 def render_synthesis_failed(synth: Synthesizer, result: CouncilResult | None, error: str) -> list[Outgoing]:
@@ -574,8 +574,9 @@ def render_notice(text: str, *, colour: int = COLOUR_BUSY) -> discord.Embed:
     return discord.Embed(description=clip(neutralize_mentions(text), DESCRIPTION_LIMIT), colour=colour)
 
 
-def render_question_header(question: str, asked_by: str, fighters: Sequence[Fighter],
-                           use_context: bool) -> discord.Embed:
+def render_question_header(
+    question: str, asked_by: str, fighters: Sequence[Fighter], use_context: bool
+) -> discord.Embed:
     """The reply to /shenron: the question, who asked it, and who sits on the council."""
     embed = discord.Embed(
         title="🐉 SHENRON convenes the council",
@@ -584,8 +585,11 @@ def render_question_header(question: str, asked_by: str, fighters: Sequence[Figh
     )
     roster = " ".join(f"{f.emoji} {f.name}" for f in fighters)
     kb = "" if use_context else " · knowledge base off"
-    embed.set_footer(text=clip(f"asked by {asked_by} · {roster}{kb} · answers in the thread below",
-                               FOOTER_LIMIT))
+    embed.set_footer(
+        text=clip(
+            neutralize_mentions(f"asked by {asked_by} · {roster}{kb} · answers in the thread below"), FOOTER_LIMIT
+        )
+    )
     return embed
 
 
@@ -642,8 +646,14 @@ def _kb_line(kb_stats: Any) -> str:
         return getattr(kb_stats, key, None)
 
     parts = []
-    for key, label in (("collection", "collection"), ("chunks", "chunks"), ("documents", "documents"),
-                       ("embedder", "embedder"), ("mode", "mode"), ("location", "at")):
+    for key, label in (
+        ("collection", "collection"),
+        ("chunks", "chunks"),
+        ("documents", "documents"),
+        ("embedder", "embedder"),
+        ("mode", "mode"),
+        ("location", "at"),
+    ):
         value = get(key)
         if value not in (None, ""):
             parts.append(f"{label} **{value}**")
@@ -674,8 +684,11 @@ def render_health(
     tail = [
         ("Knowledge base", clip(neutralize_mentions(_kb_line(kb_stats)), FIELD_VALUE_LIMIT)),
         ("Discord", f"gateway {latency} · up {hours}h {minutes:02d}m {seconds:02d}s"),
-        ("Councils", f"served {served} · failed {failed} · interrupted {interrupted} · "
-                     f"running {in_flight} · queued {queued}\nwall time {pct}"),
+        (
+            "Councils",
+            f"served {served} · failed {failed} · interrupted {interrupted} · "
+            f"running {in_flight} · queued {queued}\nwall time {pct}",
+        ),
     ]
     shown = list(backends[:MAX_HEALTH_BACKENDS])
     # Share what the 6000-character cap leaves among the backends, so many of them still fit.
@@ -691,8 +704,9 @@ def render_health(
             lines.extend(str(n) for n in getattr(b, "notes", ()))
         else:
             lines = [f"❌ unreachable · `{b.base_url}`", str(b.error)]
-        embed.add_field(name=clip(f"Backend {b.name}", 30), value=clip(neutralize_mentions("\n".join(lines)), share),
-                        inline=False)
+        embed.add_field(
+            name=clip(f"Backend {b.name}", 30), value=clip(neutralize_mentions("\n".join(lines)), share), inline=False
+        )
     if len(backends) > len(shown):
         embed.add_field(name="…", value=f"{len(backends) - len(shown)} more backends not shown", inline=False)
     for name, value in tail:

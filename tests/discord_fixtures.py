@@ -53,14 +53,21 @@ async def llm_session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-def make_bot(bot_settings: Settings, council_config: CouncilConfig, llm_session: aiohttp.ClientSession,
-             knowledge: Any) -> Callable[..., ShenronBot]:
+def make_bot(
+    bot_settings: Settings, council_config: CouncilConfig, llm_session: aiohttp.ClientSession, knowledge: Any
+) -> Callable[..., ShenronBot]:
     """Build a bot the way ``run_bot`` does, from the test's dependencies."""
 
     def build(*, message_content: bool = True, **settings: Any) -> ShenronBot:
         engine = CouncilEngine(LLMClient(llm_session, council_config.backends), council_config)
-        return ShenronBot(settings=replace(bot_settings, **settings), engine=engine, session=llm_session,
-                          kb=knowledge, stats=CouncilCounters(), message_content=message_content)
+        return ShenronBot(
+            settings=replace(bot_settings, **settings),
+            engine=engine,
+            session=llm_session,
+            kb=knowledge,
+            stats=CouncilCounters(),
+            message_content=message_content,
+        )
 
     return build
 
@@ -121,13 +128,19 @@ def scene(simcord_env: simcord.Env) -> Scene:
     return make_scene(simcord_env)
 
 
-def script_council(fake: FakeLLM, *, stagger_s: float = 0.02, synthesis: str = "The council agrees: use ZFS.",
-                   names: tuple[str, ...] = NAMES) -> list[str]:
+def script_council(
+    fake: FakeLLM,
+    *,
+    stagger_s: float = 0.02,
+    synthesis: str = "The council agrees: use ZFS.",
+    names: tuple[str, ...] = NAMES,
+) -> list[str]:
     """Every fighter answers; the last in the roster is the fastest. Returns the arrival order."""
     for i, name in enumerate(names):
         delay = stagger_s * (len(names) - 1 - i)
-        fake.script(name.lower(), Script(text=f"{name} thinks ZFS, because of checksums. Point {i}.",
-                                         first_token_delay=delay))
+        fake.script(
+            name.lower(), Script(text=f"{name} thinks ZFS, because of checksums. Point {i}.", first_token_delay=delay)
+        )
     fake.script("shenron", Script(text=synthesis, chunk_chars=6, token_interval=0.005))
     return list(reversed(names))
 

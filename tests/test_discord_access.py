@@ -35,7 +35,8 @@ class TestWhileACouncilIsInFlight:
         return Settings(edit_interval_s=0.05, max_concurrent_councils=1)
 
     async def test_a_second_request_from_the_same_user_is_refused_kindly(
-            self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge) -> None:
+        self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge
+    ) -> None:
         knowledge.env = scene.env
         script_council(fake_llm)
         await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
@@ -60,7 +61,8 @@ class TestWhileACouncilIsInFlight:
         assert "Use ZFS mirrors on the R730." in goku["messages"][-1]["content"]
 
     async def test_the_queue_shows_its_position_and_then_runs(
-            self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge) -> None:
+        self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge
+    ) -> None:
         knowledge.env = scene.env
         script_council(fake_llm)
         await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
@@ -75,7 +77,8 @@ class TestWhileACouncilIsInFlight:
         assert scene.bot.queue.running == 0 and scene.bot.queue.queued == 0
 
     async def test_context_false_skips_the_knowledge_base(
-            self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge) -> None:
+        self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge
+    ) -> None:
         script_council(fake_llm)
         await scene.alice.slash(scene.channel, "shenron", question=QUESTION, context=False)
         assert knowledge.queries == []
@@ -109,18 +112,21 @@ async def test_allow_lists(scene: Scene, fake_llm: FakeLLM) -> None:
     assert refused.ephemeral and "does not answer in this channel" in refused.response.content
     assert scene.channel.threads == [] and fake_llm.requests == []
 
-    scene.bot.settings = replace(scene.bot.settings, allowed_channel_ids=frozenset(),
-                                 allowed_role_ids=frozenset({vip.id}))
+    scene.bot.settings = replace(
+        scene.bot.settings, allowed_channel_ids=frozenset(), allowed_role_ids=frozenset({vip.id})
+    )
     refused = await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
     assert refused.ephemeral and "roles allowed" in refused.response.content
 
-    scene.bot.settings = replace(scene.bot.settings, allowed_role_ids=frozenset(),
-                                 allowed_guild_ids=frozenset({12345}))
+    scene.bot.settings = replace(scene.bot.settings, allowed_role_ids=frozenset(), allowed_guild_ids=frozenset({12345}))
     refused = await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
     assert refused.ephemeral and "not enabled in this server" in refused.response.content
 
-    scene.bot.settings = replace(scene.bot.settings, allowed_guild_ids=frozenset({scene.guild.id}),
-                                 allowed_channel_ids=frozenset({scene.channel.id}))
+    scene.bot.settings = replace(
+        scene.bot.settings,
+        allowed_guild_ids=frozenset({scene.guild.id}),
+        allowed_channel_ids=frozenset({scene.channel.id}),
+    )
     allowed = await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
     assert not allowed.ephemeral and len(scene.channel.threads) == 1
 
@@ -144,8 +150,7 @@ async def test_unknown_fighter_is_refused_with_the_roster(scene: Scene, fake_llm
 
 
 async def test_fighters_autocomplete_completes_the_last_name(scene: Scene) -> None:
-    choices = await scene.alice.autocomplete(scene.channel, "shenron", "fighters", "goku, ve",
-                                             question=QUESTION)
+    choices = await scene.alice.autocomplete(scene.channel, "shenron", "fighters", "goku, ve", question=QUESTION)
     assert [c["value"] for c in choices] == ["goku, VEGETA"]
 
 
@@ -159,7 +164,8 @@ class TestQueueOfThree:
         return Settings(edit_interval_s=0.05, max_concurrent_councils=1)
 
     async def test_positions_move_up_as_seats_free(
-            self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge) -> None:
+        self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge
+    ) -> None:
         knowledge.env = scene.env
         script_council(fake_llm)
         carol = scene.guild.add_member(scene.env.create_user("carol"))
@@ -172,9 +178,13 @@ class TestQueueOfThree:
         await scene.env.settle()
 
         carol_thread = scene.channel.threads[2]
-        shown = [e["footer"]["text"] for r in scene.env.http_requests
-                 if r.path.startswith(f"/channels/{carol_thread.id}/messages") and isinstance(r.json, dict)
-                 for e in r.json.get("embeds", []) if e.get("title", "").startswith("⚔️")]
+        shown = [
+            e["footer"]["text"]
+            for r in scene.env.http_requests
+            if r.path.startswith(f"/channels/{carol_thread.id}/messages") and isinstance(r.json, dict)
+            for e in r.json.get("embeds", [])
+            if e.get("title", "").startswith("⚔️")
+        ]
         positions = [t for t in shown if t.startswith("🕒 In the queue")]
         assert [p.split("position ")[1][0] for p in positions] == ["2", "1"]
         assert all(board_of(scene, i).footer.text.startswith("✅ Done") for i in range(3))

@@ -18,14 +18,17 @@ def test_a_well_formed_token_passes() -> None:
     assert check_token(GOOD) == GOOD
 
 
-@pytest.mark.parametrize(("token", "problem"), [
-    (None, "is not set"),
-    ("", "is not set"),
-    (f"Bot {GOOD}", "starts with 'Bot '"),
-    (f'"{GOOD}"', "contains quotes or spaces"),
-    ("1234567890123456789", "does not look like a bot token"),
-    ("not.a.token", "does not look like a bot token"),
-])
+@pytest.mark.parametrize(
+    ("token", "problem"),
+    [
+        (None, "is not set"),
+        ("", "is not set"),
+        (f"Bot {GOOD}", "starts with 'Bot '"),
+        (f'"{GOOD}"', "contains quotes or spaces"),
+        ("1234567890123456789", "does not look like a bot token"),
+        ("not.a.token", "does not look like a bot token"),
+    ],
+)
 def test_bad_tokens_say_what_is_wrong_without_echoing_them(token: str | None, problem: str) -> None:
     with pytest.raises(ConfigError) as caught:
         check_token(token)

@@ -59,8 +59,9 @@ async def test_full_council(scene: Scene, fake_llm: FakeLLM) -> None:
     text_embed, timeline = message.embeds
     assert text_embed.title == "🐉 SHENRON — synthesis"
     assert text_embed.description == "The council agrees: use ZFS."
-    assert re.match(r"6/6 answered · \d+\.\d s wall · \d+\.\d s of model time · \d+\.\d× overlap",
-                    text_embed.footer.text)
+    assert re.match(
+        r"6/6 answered · \d+\.\d s wall · \d+\.\d s of model time · \d+\.\d× overlap", text_embed.footer.text
+    )
     assert timeline.title == "⏱️ Timeline"
     rows = timeline.description.strip("`\n").splitlines()
     assert [r.split()[0] for r in rows[:7]] == [*arrival, "SHENRON"]
@@ -126,8 +127,11 @@ async def test_a_9000_character_answer_is_split_within_discord_limits(scene: Sce
     fake_llm.script("goku", Script(text=long_text, chunk_chars=500))
     await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
 
-    goku = [m for m in scene.bot_messages(scene.thread())
-            if m.embeds and m.embeds[0].author.name and "GOKU" in m.embeds[0].author.name]
+    goku = [
+        m
+        for m in scene.bot_messages(scene.thread())
+        if m.embeds and m.embeds[0].author.name and "GOKU" in m.embeds[0].author.name
+    ]
     embeds = [e for m in goku for e in m.embeds]
     assert len(embeds) >= 3 and len(goku) < len(embeds)  # split, and parts share messages
     for message in goku:
@@ -159,16 +163,18 @@ async def test_model_output_never_pings(scene: Scene, fake_llm: FakeLLM) -> None
         for embed in message.embeds:
             text = (embed.description or "") + (embed.footer.text or "")
             assert "@everyone" not in text and "@here" not in text and "<@&123>" not in text
-    goku = next(m.embeds[0] for m in scene.bot_messages(thread)
-                if m.embeds[0].author.name and "GOKU" in m.embeds[0].author.name)
+    goku = next(
+        m.embeds[0] for m in scene.bot_messages(thread) if m.embeds[0].author.name and "GOKU" in m.embeds[0].author.name
+    )
     assert goku.description == "@\u200beveryone listen: ZFS! <@\u200b42>"
     assert thread.name == "everyone what now?"
 
 
 async def test_a_discord_failure_mid_council_still_ends_in_a_final_state(scene: Scene, fake_llm: FakeLLM) -> None:
     script_council(fake_llm)
-    scene.env.inject_error("POST", "/channels/*/messages", status=403, code=50013,
-                           message="Missing Permissions", times=None)
+    scene.env.inject_error(
+        "POST", "/channels/*/messages", status=403, code=50013, message="Missing Permissions", times=None
+    )
     await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
 
     # Even the board could not be posted: nothing is left looking alive, and the bot noticed.
@@ -182,14 +188,16 @@ class TestPermissionLostMidRound:
         return GatedKnowledge()
 
     async def test_the_board_still_ends_in_a_final_state(
-            self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge) -> None:
+        self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge
+    ) -> None:
         knowledge.env = scene.env
         script_council(fake_llm)
         await scene.alice.slash(scene.channel, "shenron", question=QUESTION)  # held in retrieval
         thread = scene.thread()
         # The bot loses Send Messages in the thread; edits of its own messages still work.
-        scene.env.inject_error("POST", f"/channels/{thread.id}/messages", status=403, code=50013,
-                               message="Missing Permissions", times=None)
+        scene.env.inject_error(
+            "POST", f"/channels/{thread.id}/messages", status=403, code=50013, message="Missing Permissions", times=None
+        )
         knowledge.gate.set()
         await scene.env.settle()
 

@@ -81,11 +81,29 @@ def test_health_embed_fits_discord_limits() -> None:
     from bot.health import BackendHealth
     from cogs.render import render_health
 
-    backends = [BackendHealth(name=f"b{i}", base_url=f"http://host{i}:1234/v1", reachable=i % 2 == 0,
-                              latency_s=0.01, models=tuple(f"model-{j}" for j in range(40)),
-                              missing=("GOKU",), error="x" * 2000) for i in range(30)]
-    embed = render_health(backends, kb_stats=RuntimeError("chroma is down"), gateway_latency_s=None,
-                          uptime_s=3725, served=3, failed=1, interrupted=0, p50_s=None, p95_s=None)
+    backends = [
+        BackendHealth(
+            name=f"b{i}",
+            base_url=f"http://host{i}:1234/v1",
+            reachable=i % 2 == 0,
+            latency_s=0.01,
+            models=tuple(f"model-{j}" for j in range(40)),
+            missing=("GOKU",),
+            error="x" * 2000,
+        )
+        for i in range(30)
+    ]
+    embed = render_health(
+        backends,
+        kb_stats=RuntimeError("chroma is down"),
+        gateway_latency_s=None,
+        uptime_s=3725,
+        served=3,
+        failed=1,
+        interrupted=0,
+        p50_s=None,
+        p95_s=None,
+    )
     assert len(embed) <= 6000 and len(embed.fields) <= 25
     assert all(len(f.value) <= 1024 for f in embed.fields)
     assert {f.name: f.value for f in embed.fields}["Discord"] == "gateway unknown · up 1h 02m 05s"

@@ -52,12 +52,12 @@ async def test_shutdown_mid_council_leaves_everything_in_a_final_state(scene: Sc
     await fake_llm.wait_until_idle()  # the hung requests were cancelled, not left open
 
 
-async def test_shutdown_while_streaming_the_synthesis_keeps_what_was_written(
-        scene: Scene, fake_llm: FakeLLM) -> None:
+async def test_shutdown_while_streaming_the_synthesis_keeps_what_was_written(scene: Scene, fake_llm: FakeLLM) -> None:
     script_council(fake_llm)
     # A steady stream: each token finds the edit slot free again, so partial text is shown.
-    fake_llm.script("shenron", Script(text="Use ZFS mirrors and never look back. " * 6, chunk_chars=8,
-                                      token_interval=0.06))
+    fake_llm.script(
+        "shenron", Script(text="Use ZFS mirrors and never look back. " * 6, chunk_chars=8, token_interval=0.06)
+    )
     bot = scene.bot
 
     async def sigterm_once_synthesis_streams() -> None:
@@ -90,7 +90,8 @@ class TestSlowRetrieval:
         return Settings(edit_interval_s=0.05)
 
     async def test_a_council_outlives_the_15_minute_interaction_token(
-            self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge) -> None:
+        self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge
+    ) -> None:
         knowledge.env = scene.env
         script_council(fake_llm)
         await scene.alice.slash(scene.channel, "shenron", question=QUESTION)
@@ -106,7 +107,8 @@ class TestSlowRetrieval:
         assert len(webhook) == 1  # only the header, before the token expired
 
     async def test_shutdown_while_waiting_for_retrieval(
-            self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge) -> None:
+        self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge
+    ) -> None:
         knowledge.env = scene.env
         script_council(fake_llm)
         await scene.alice.slash(scene.channel, "shenron", question=QUESTION)

@@ -18,8 +18,12 @@ pytest_plugins = ["tests.discord_fixtures"]
 
 
 def boards(scene: Scene) -> list[discord.Embed]:
-    return [e for m in scene.bot_messages(scene.thread()) for e in m.embeds
-            if (e.title or "").startswith("⚔️ Council — round")]
+    return [
+        e
+        for m in scene.bot_messages(scene.thread())
+        for e in m.embeds
+        if (e.title or "").startswith("⚔️ Council — round")
+    ]
 
 
 def fighter_messages_sent(fake: FakeLLM, model: str) -> list[list[dict[str, str]]]:
@@ -37,19 +41,25 @@ async def test_follow_up_is_a_new_round_with_the_threads_history(scene: Scene, f
     await scene.bob.send(scene.thread(), FOLLOW_UP)
 
     assert [(b.title, b.description) for b in boards(scene)] == [
-        ("⚔️ Council — round 1", QUESTION), ("⚔️ Council — round 2", FOLLOW_UP)]
+        ("⚔️ Council — round 1", QUESTION),
+        ("⚔️ Council — round 2", FOLLOW_UP),
+    ]
     assert boards(scene)[1].footer.text.startswith("✅ Done · 6/6")
     [messages] = fighter_messages_sent(fake_llm, "goku")
     assert [(m["role"], m["content"]) for m in messages[1:]] == [
-        ("user", QUESTION), ("assistant", "Use ZFS, with ECC RAM."), ("user", FOLLOW_UP)]
+        ("user", QUESTION),
+        ("assistant", "Use ZFS, with ECC RAM."),
+        ("user", FOLLOW_UP),
+    ]
     [synthesis] = fighter_messages_sent(fake_llm, "shenron")
-    assert synthesis[1:3] == [{"role": "user", "content": QUESTION},
-                              {"role": "assistant", "content": "Use ZFS, with ECC RAM."}]
+    assert synthesis[1:3] == [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": "Use ZFS, with ECC RAM."},
+    ]
     assert scene.bot.stats.served == 2
 
 
-async def test_history_survives_a_restart(scene: Scene, fake_llm: FakeLLM,
-                                          make_bot: Callable[..., ShenronBot]) -> None:
+async def test_history_survives_a_restart(scene: Scene, fake_llm: FakeLLM, make_bot: Callable[..., ShenronBot]) -> None:
     await first_round(scene, fake_llm)
     old = scene.bot
     await scene.env.restart_bot(make_bot())
@@ -60,7 +70,10 @@ async def test_history_survives_a_restart(scene: Scene, fake_llm: FakeLLM,
     assert [b.title for b in boards(scene)] == ["⚔️ Council — round 1", "⚔️ Council — round 2"]
     [messages] = fighter_messages_sent(fake_llm, "vegeta")
     assert [(m["role"], m["content"]) for m in messages[1:]] == [
-        ("user", QUESTION), ("assistant", "Use ZFS, with ECC RAM."), ("user", FOLLOW_UP)]
+        ("user", QUESTION),
+        ("assistant", "Use ZFS, with ECC RAM."),
+        ("user", FOLLOW_UP),
+    ]
 
 
 async def test_messages_outside_council_threads_are_ignored(scene: Scene, fake_llm: FakeLLM) -> None:
@@ -123,7 +136,8 @@ class TestWhileARoundRuns:
         return GatedKnowledge()
 
     async def test_a_second_follow_up_waits_its_turn(
-            self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge) -> None:
+        self, scene: Scene, fake_llm: FakeLLM, knowledge: GatedKnowledge
+    ) -> None:
         knowledge.env = scene.env
         script_council(fake_llm)
         await scene.alice.slash(scene.channel, "shenron", question=QUESTION)

@@ -33,8 +33,9 @@ class RecordingMessage:
         self.changed = asyncio.Event()
 
 
-def live(throttle: EditThrottle, log: list[tuple[float, str, Any]], name: str,
-         state: dict[str, int], **kw: bool) -> tuple[LiveMessage, RecordingMessage]:
+def live(
+    throttle: EditThrottle, log: list[tuple[float, str, Any]], name: str, state: dict[str, int], **kw: bool
+) -> tuple[LiveMessage, RecordingMessage]:
     message = RecordingMessage(log, name, **kw)
     return LiveMessage(message, throttle, lambda: {"state": state["n"]}), message  # type: ignore[arg-type]
 

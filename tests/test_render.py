@@ -13,39 +13,77 @@ from bot.events import CouncilResult, CouncilStats, FighterAnswer, Passage, Synt
 from cogs import render
 from cogs.render import Board, Seat, split_text
 
-GOKU = Fighter(name="GOKU", emoji="🔥", role="The Fighter", persona="p", model="qwen", backend="lm",
-               colour=0xFF8C00)
+GOKU = Fighter(name="GOKU", emoji="🔥", role="The Fighter", persona="p", model="qwen", backend="lm", colour=0xFF8C00)
 SHENRON = Synthesizer(name="SHENRON", emoji="🐉", model="big", backend="lm", prompt="p")
 
 
 def answer(text: str = "ZFS.", **kw: object) -> FighterAnswer:
-    fields: dict[str, object] = {"fighter": "GOKU", "model": "qwen", "backend": "lm", "ok": True, "text": text,
-                                 "started_at": 0.0, "first_token_s": 1.0, "last_token_s": 8.0,
-                                 "elapsed_s": 8.2, "tokens": 312}
+    fields: dict[str, object] = {
+        "fighter": "GOKU",
+        "model": "qwen",
+        "backend": "lm",
+        "ok": True,
+        "text": text,
+        "started_at": 0.0,
+        "first_token_s": 1.0,
+        "last_token_s": 8.0,
+        "elapsed_s": 8.2,
+        "tokens": 312,
+    }
     fields.update(kw)
     return FighterAnswer(**fields)  # type: ignore[arg-type]
 
 
 def council_result(synthesis: str = "Use ZFS.", ok: bool = True, sources: int = 0) -> CouncilResult:
-    answers = (answer(), answer(fighter="VEGETA", ok=False, text="", error="timed out", error_kind="timeout",
-                                first_token_s=None, last_token_s=None, elapsed_s=10.0))
+    answers = (
+        answer(),
+        answer(
+            fighter="VEGETA",
+            ok=False,
+            text="",
+            error="timed out",
+            error_kind="timeout",
+            first_token_s=None,
+            last_token_s=None,
+            elapsed_s=10.0,
+        ),
+    )
     return CouncilResult(
         question="ZFS or ext4?",
         answers=answers,
-        synthesis=SynthesisResult(ok=ok, text=synthesis if ok else "", model="big", first_token_s=10.5,
-                                  last_token_s=11.0, elapsed_s=11.2, tokens=99, error="" if ok else "boom"),
-        stats=CouncilStats(wall_s=11.2, fighters_total=2, fighters_ok=1, first_answer_s=8.2, model_time_s=18.2,
-                           tokens=411, overlap=1.0, sources=sources),
+        synthesis=SynthesisResult(
+            ok=ok,
+            text=synthesis if ok else "",
+            model="big",
+            first_token_s=10.5,
+            last_token_s=11.0,
+            elapsed_s=11.2,
+            tokens=99,
+            error="" if ok else "boom",
+        ),
+        stats=CouncilStats(
+            wall_s=11.2,
+            fighters_total=2,
+            fighters_ok=1,
+            first_answer_s=8.2,
+            model_time_s=18.2,
+            tokens=411,
+            overlap=1.0,
+            sources=sources,
+        ),
         missing=("VEGETA",),
     )
 
 
 def message_fits(embeds: list[discord.Embed]) -> bool:
-    return (len(embeds) <= 10 and sum(len(e) for e in embeds) <= 6000
-            and all(len(e.description or "") <= 4096 for e in embeds)
-            and all(len(e.footer.text or "") <= 2048 for e in embeds)
-            and all(len(e.author.name or "") <= 256 for e in embeds)
-            and all(len(e.title or "") <= 256 for e in embeds))
+    return (
+        len(embeds) <= 10
+        and sum(len(e) for e in embeds) <= 6000
+        and all(len(e.description or "") <= 4096 for e in embeds)
+        and all(len(e.footer.text or "") <= 2048 for e in embeds)
+        and all(len(e.author.name or "") <= 256 for e in embeds)
+        and all(len(e.title or "") <= 256 for e in embeds)
+    )
 
 
 # --- splitting --------------------------------------------------------------------------------
@@ -139,8 +177,12 @@ def test_thread_names_fit() -> None:
 
 def test_board_lines_show_each_state() -> None:
     board = Board.for_round("ZFS or ext4?", 2, [GOKU], SHENRON)
-    board.seats += [Seat("VEGETA", "👑", "failed", error_kind="timeout"), Seat("GOHAN", "📚", "thinking"),
-                    Seat("KRILLIN", "🛡️", "waiting"), Seat("FRIEZA", "❄️", "writing")]
+    board.seats += [
+        Seat("VEGETA", "👑", "failed", error_kind="timeout"),
+        Seat("GOHAN", "📚", "thinking"),
+        Seat("KRILLIN", "🛡️", "waiting"),
+        Seat("FRIEZA", "❄️", "writing"),
+    ]
     board.seats[0].state, board.seats[0].elapsed_s, board.seats[0].tokens = "done", 8.2, 312
     board.phase = "running"
     embed = render.render_board(board)
@@ -156,13 +198,16 @@ def test_board_lines_show_each_state() -> None:
     assert embed.colour.value == render.COLOUR_BUSY
 
 
-@pytest.mark.parametrize(("phase", "footer", "colour"), [
-    ("queued", "🕒 In the queue — position 3", render.COLOUR_BUSY),
-    ("retrieving", "📚 Searching", render.COLOUR_BUSY),
-    ("done", "✅ Done", render.COLOUR_DONE),
-    ("failed", "❌ ", render.COLOUR_FAILED),
-    ("interrupted", "⏹️ Interrupted", render.COLOUR_INTERRUPTED),
-])
+@pytest.mark.parametrize(
+    ("phase", "footer", "colour"),
+    [
+        ("queued", "🕒 In the queue — position 3", render.COLOUR_BUSY),
+        ("retrieving", "📚 Searching", render.COLOUR_BUSY),
+        ("done", "✅ Done", render.COLOUR_DONE),
+        ("failed", "❌ ", render.COLOUR_FAILED),
+        ("interrupted", "⏹️ Interrupted", render.COLOUR_INTERRUPTED),
+    ],
+)
 def test_board_phases(phase: str, footer: str, colour: int) -> None:
     board = Board.for_round("q", 1, [GOKU], SHENRON)
     board.phase, board.queue_position = phase, 3  # type: ignore[assignment]
@@ -180,8 +225,10 @@ def test_interrupting_stops_every_line_that_was_moving() -> None:
 
 
 def test_board_fits_with_a_huge_roster_and_question() -> None:
-    fighters = [Fighter(name=f"F{i:02d}" + "x" * 28, emoji="🥋", role="r", persona="p", model="m", backend="b")
-                for i in range(60)]
+    fighters = [
+        Fighter(name=f"F{i:02d}" + "x" * 28, emoji="🥋", role="r", persona="p", model="m", backend="b")
+        for i in range(60)
+    ]
     board = Board.for_round("why? " * 2000, 1, fighters, SHENRON)
     board.sources = tuple(Passage(text="t", source=f"docs/{i}.md", heading="h" * 200) for i in range(20))
     embed = render.render_board(board)
@@ -224,17 +271,29 @@ def test_enormous_answer_is_attached_as_markdown() -> None:
 
 
 def test_failure_embed_is_red_and_says_why() -> None:
-    failed = answer(ok=False, text="", error="backend lm refused the connection at http://x:1234 — is it running?",
-                    error_kind="connect", elapsed_s=0.3)
+    failed = answer(
+        ok=False,
+        text="",
+        error="backend lm refused the connection at http://x:1234 — is it running?",
+        error_kind="connect",
+        elapsed_s=0.3,
+    )
     embed = render.render_failure(GOKU, failed)
     assert embed.colour.value == render.COLOUR_FAILED
     assert embed.description.startswith("**unreachable** — backend lm refused")
     assert embed.footer.text == "qwen · failed after 0.3 s"
 
 
-@pytest.mark.parametrize(("kind", "label"), [("timeout", "timeout"), ("http_500", "HTTP 500"),
-                                             ("model_not_found", "model missing"), ("", "failed"),
-                                             ("weird", "weird")])
+@pytest.mark.parametrize(
+    ("kind", "label"),
+    [
+        ("timeout", "timeout"),
+        ("http_500", "HTTP 500"),
+        ("model_not_found", "model missing"),
+        ("", "failed"),
+        ("weird", "weird"),
+    ],
+)
 def test_error_labels(kind: str, label: str) -> None:
     assert render.error_label(kind) == label
 
