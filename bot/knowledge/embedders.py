@@ -87,9 +87,17 @@ def _packaged_file(spec: _PackagedFile) -> Path:
     return path
 
 
-@cache
+_minilm_loading = threading.Lock()
+
+
 def _load_minilm() -> tuple[Any, Any]:
     """Tokenizer and ONNX session, loaded once per process (about 0.5 s) and shared by all users."""
+    with _minilm_loading:
+        return _load_minilm_once()
+
+
+@cache
+def _load_minilm_once() -> tuple[Any, Any]:
     import onnxruntime as ort
     from tokenizers import Tokenizer
 

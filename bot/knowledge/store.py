@@ -107,6 +107,8 @@ class FolderLock:
         with self._writing:
             if self._fd >= 0:
                 if not self._flock(fcntl.LOCK_EX):
+                    # A failed upgrade has dropped the shared lock (flock converts by unlocking).
+                    self._flock(fcntl.LOCK_SH)
                     raise self._busy("is open in another process")
                 try:
                     yield
