@@ -34,7 +34,7 @@ from bot.stats import CouncilCounters
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.council", "cogs.health")
+EXTENSIONS = ("cogs.council", "cogs.health", "cogs.knowledge")  # each loads on its own; one failing is logged
 SHUTDOWN_GRACE_S = 15.0  # how long close() lets rounds write their "interrupted" state
 THROTTLE_IDLE_S = 300.0  # a channel's throttle is forgotten after this long without edits
 
