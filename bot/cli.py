@@ -6,7 +6,6 @@ Configuration mistakes print one line naming the file, the key and the fix, and 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 
+from bot import runtime
 from bot.config import ConfigError, CouncilConfig, Settings, load_council, load_settings
 
 log = logging.getLogger(__name__)
@@ -116,14 +116,18 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_CONFIG
     try:
-        settings = load_settings()
         if args.council:
             os.environ["SHENRON_COUNCIL"] = args.council
+        try:
             settings = load_settings()
+        except ConfigError:
+            if not getattr(args, "settings_optional", False):
+                raise
+            settings = None  # doctor reports the mistake as one of its lines
         _setup_logging(settings if args.command == "run" else None, args.verbose)
         council = load_council(settings.council_path) if getattr(args, "needs_council", False) else None
         func: Callable[..., Awaitable[int]] = args.func
-        return asyncio.run(func(args, settings, council))
+        return runtime.run(func(args, settings, council))
     except ConfigError as exc:
         print(f"shenron: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from bot.config import CouncilConfig, Fighter, with_fighters
 from bot.events import (
@@ -37,6 +38,8 @@ from bot.llm import Delta, LLMClient, LLMError
 from bot.prompts import fighter_messages, synthesis_messages
 
 log = logging.getLogger(__name__)
+
+_ROUND_OVER: Any = object()  # put on the event queue when the round's deadline passes
 
 
 def overlap(intervals: Sequence[tuple[float, float]]) -> float:
@@ -109,14 +112,13 @@ class CouncilEngine:
             for f in roster
         }
         loop = asyncio.get_running_loop()
-        # A backstop: each fighter's own timeout is capped by the round, plus a grace for the cap to fire.
-        round_end = loop.time() + deadline_s + 1.0
+        # A backstop: each fighter's own timeout is capped by the round, plus a grace for the cap to
+        # fire. One timer for the round rather than a timeout around every queue read.
+        backstop = loop.call_at(loop.time() + deadline_s + 1.0, queue.put_nowait, _ROUND_OVER)
         try:
             while len(final) < len(roster):
-                try:
-                    async with asyncio.timeout_at(round_end):
-                        event = await queue.get()
-                except TimeoutError:
+                event = await queue.get()
+                if event is _ROUND_OVER:
                     for event in await self._abandon(roster, tasks, final, t0):
                         final[event.answer.fighter] = event.answer
                         arrival.append(event.answer)
@@ -158,6 +160,7 @@ class CouncilEngine:
                 context=tuple(context), missing=tuple(a.fighter for a in missing),
             ))
         finally:
+            backstop.cancel()
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)

@@ -151,6 +151,10 @@ class ThinkSplitter:
 
     def feed(self, text: str) -> tuple[str, str, bool]:
         """Returns (answer_text, reasoning_text, reset) produced by this piece."""
+        if self._state == "answer" and not self._pending and (self._seen_close or "<" not in text):
+            # The hot path: plain answer text. Every prefix of "</think>" starts with "<".
+            self.answer.append(text)
+            return text, "", False
         buf = self._pending + text
         self._pending = ""
         out_answer: list[str] = []
@@ -203,8 +207,10 @@ class ThinkSplitter:
         a, r = "".join(out_answer), "".join(out_reason)
         if reset:
             self.answer.clear()
-        self.answer.append(a)
-        self.reasoning.append(r)
+        if a:
+            self.answer.append(a)
+        if r:
+            self.reasoning.append(r)
         return a, r, reset
 
     def flush(self) -> tuple[str, str]:
@@ -217,21 +223,6 @@ class ThinkSplitter:
             pending = pending.strip()
         self.answer.append(pending)
         return pending, ""
-
-
-def _merge(deltas: list[Delta]) -> Delta:
-    if len(deltas) == 1:
-        return deltas[0]
-    content: list[str] = []
-    reasoning: list[str] = []
-    reset = False
-    for d in deltas:
-        if d.reset:
-            content.clear()
-            reset = True
-        content.append(d.content)
-        reasoning.append(d.reasoning)
-    return Delta(content="".join(content), reasoning="".join(reasoning), reset=reset, pieces=len(deltas))
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -502,94 +493,114 @@ class LLMClient:
 
     async def _read_stream(self, b: Backend, model: str, resp: aiohttp.ClientResponse, first_deadline: float,
                            deadline: float, total_timeout: Any) -> AsyncIterator[Delta]:
-        got_first = False
+        """Parse the SSE stream. Everything that arrived in one read becomes one Delta: under load
+        that batches frames and keeps the per-token cost down."""
+        loop = asyncio.get_running_loop()
         splitter = ThinkSplitter()
         finish_reason: str | None = None
         prompt_tokens = completion_tokens = None
         buffer = b""
-        data_lines: list[str] = []
-        done = False
+        data_lines: list[bytes] = []
+        done = got_first = False
+        # One timer per stream, not a timeout per read: when it fires it closes the response, and
+        # the pending read returns or raises; ``expired`` says which limit it was.
+        expired: list[float] = []
 
-        def parse_event(raw: str) -> Delta | None:
-            nonlocal finish_reason, prompt_tokens, completion_tokens, done
-            if raw.strip() == "[DONE]":
-                done = True
-                return None
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                raise MalformedChunk(f"{model} on backend {b.name} sent a malformed chunk: {raw[:80]!r}",
-                                     backend=b.name, model=model) from None
-            if not isinstance(obj, dict):
-                raise MalformedChunk(f"{model} on backend {b.name} sent a chunk that is not an object",
-                                     backend=b.name, model=model)
-            if obj.get("error"):
-                err = obj["error"]
-                msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-                raise StreamError(f"{model} on backend {b.name} reported an error mid-answer: {msg[:MAX_ERROR_CHARS]}",
+        def fire(limit: float) -> None:
+            expired.append(limit)
+            resp.close()
+
+        def bad(what: str) -> MalformedChunk:
+            return MalformedChunk(f"{model} on backend {b.name} sent a malformed chunk: {what}",
                                   backend=b.name, model=model)
-            usage = obj.get("usage")
-            if isinstance(usage, dict):
-                prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
-                completion_tokens = usage.get("completion_tokens", completion_tokens)
-            choices = obj.get("choices") or []
-            if not choices:
-                return None
-            choice = choices[0] if isinstance(choices[0], dict) else {}
-            if choice.get("finish_reason"):
-                finish_reason = choice["finish_reason"]
-            delta = choice.get("delta") or {}
-            if not isinstance(delta, dict):
-                raise MalformedChunk(f"{model} on backend {b.name} sent a delta that is not an object",
-                                     backend=b.name, model=model)
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
-            content = delta.get("content") or ""
-            if not isinstance(content, str) or not isinstance(reasoning, str):
-                raise MalformedChunk(f"{model} on backend {b.name} sent non-text content",
-                                     backend=b.name, model=model)
-            answer, inline_reasoning, reset = splitter.feed(content) if content else ("", "", False)
-            reasoning += inline_reasoning
-            if not (answer or reasoning or reset):
-                return None
-            return Delta(content=answer, reasoning=reasoning, reset=reset)
 
-        while not done:
-            limit = deadline if got_first else first_deadline
-            try:
-                async with asyncio.timeout_at(limit):
+        timer = loop.call_at(first_deadline, fire, first_deadline)
+        try:
+            while not done:
+                try:
                     chunk = await resp.content.readany()
-            except TimeoutError:
-                raise self._first_token_timeout(b, model, limit, deadline, total_timeout) from None
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                raise IncompleteStream(f"{model} on backend {b.name}: the connection broke mid-answer ({exc})",
-                                       backend=b.name, model=model) from None
-            if not chunk:
-                break
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            # Everything that arrived in one read becomes one Delta: under load that batches frames
-            # and keeps the per-token cost down.
-            merged: list[Delta] = []
-            for raw_line in lines:
-                line = raw_line.decode("utf-8", "replace").rstrip("\r")
-                if line.startswith("data:"):
-                    data_lines.append(line[5:].removeprefix(" "))
-                    continue
-                if line or not data_lines:
-                    continue  # comments (":"), event:/id: fields, stray blank lines
-                raw, data_lines = "\n".join(data_lines), []
-                delta = parse_event(raw)
-                if done:
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                    if expired:
+                        raise self._first_token_timeout(b, model, expired[0], deadline, total_timeout) from None
+                    raise IncompleteStream(f"{model} on backend {b.name}: the connection broke mid-answer ({exc})",
+                                           backend=b.name, model=model) from None
+                if not chunk:
+                    if expired:
+                        raise self._first_token_timeout(b, model, expired[0], deadline, total_timeout)
                     break
-                if delta is not None:
-                    merged.append(delta)
-            if merged:
-                got_first = True
-                yield _merge(merged)
-        if not done and data_lines:  # a last frame without its blank line
-            delta = parse_event("\n".join(data_lines))
-            if delta is not None:
-                yield delta
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                contents: list[str] = []
+                reasonings: list[str] = []
+                reset = False
+                pieces = 0
+                for line in lines:
+                    if line.startswith(b"data:"):
+                        data_lines.append(line[5:])
+                        continue
+                    if line.strip() or not data_lines:
+                        continue  # comments (":"), event:/id: fields, stray blank lines
+                    raw = (data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)).strip()
+                    data_lines = []
+                    if raw == b"[DONE]":
+                        done = True
+                        break
+                    try:
+                        obj = json.loads(raw)
+                    except ValueError:
+                        raise bad(repr(raw[:80].decode("utf-8", "replace"))) from None
+                    if not isinstance(obj, dict):
+                        raise bad("not a JSON object")
+                    if obj.get("error"):
+                        err = obj["error"]
+                        msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+                        raise StreamError(
+                            f"{model} on backend {b.name} reported an error mid-answer: {msg[:MAX_ERROR_CHARS]}",
+                            backend=b.name, model=model)
+                    usage = obj.get("usage")
+                    if usage and isinstance(usage, dict):
+                        prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
+                        completion_tokens = usage.get("completion_tokens", completion_tokens)
+                    choices = obj.get("choices")
+                    if not choices:
+                        continue
+                    choice = choices[0]
+                    if not isinstance(choice, dict):
+                        raise bad("a choice that is not an object")
+                    if choice.get("finish_reason"):
+                        finish_reason = choice["finish_reason"]
+                    delta = choice.get("delta")
+                    if not delta:
+                        continue
+                    if not isinstance(delta, dict):
+                        raise bad("a delta that is not an object")
+                    content = delta.get("content") or ""
+                    reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                    if not isinstance(content, str) or not isinstance(reasoning, str):
+                        raise bad("content that is not text")
+                    if reasoning:
+                        reasonings.append(reasoning)
+                        pieces += 1
+                    if content:
+                        answer, inline, was_reset = splitter.feed(content)
+                        if was_reset:
+                            contents.clear()
+                            reset = True
+                        if answer:
+                            contents.append(answer)
+                        if inline:
+                            reasonings.append(inline)
+                        pieces += 1
+                if pieces:
+                    if not got_first:
+                        got_first = True
+                        timer.cancel()
+                        timer = loop.call_at(deadline, fire, deadline)
+                    yield Delta(content="".join(contents), reasoning="".join(reasonings), reset=reset, pieces=pieces)
+            if expired:
+                raise self._first_token_timeout(b, model, expired[0], deadline, total_timeout)
+        finally:
+            timer.cancel()
         if not done and finish_reason is None:
             raise IncompleteStream(
                 f"{model} on backend {b.name} stopped mid-answer (the stream ended without [DONE])",
@@ -599,4 +610,3 @@ class LLMClient:
             yield Delta(content=answer, reasoning=reasoning, pieces=0)
         yield Delta(done=True, pieces=0, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens)
-
