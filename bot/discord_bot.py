@@ -29,7 +29,10 @@ from discord.ext import commands
 from bot.config import ConfigError, CouncilConfig, Settings
 from bot.council import CouncilEngine
 from bot.events import Passage
+from bot.health import probe_backends
 from bot.llm import LLMClient, make_session
+from bot.monitoring import Metrics, start_monitoring, stop_monitoring, summarise_health
+from bot.parallelism import ParallelismReport, probe_council
 from bot.stats import CouncilCounters
 
 log = logging.getLogger(__name__)
@@ -305,6 +308,7 @@ class ShenronBot(commands.Bot):
         stats: CouncilCounters | None = None,
         message_content: bool = True,
         kb_problem: str = "",
+        metrics: Metrics | None = None,
     ) -> None:
         intents = discord.Intents.default()
         # Privileged: lets any message in a council thread continue it. Without it, only
@@ -324,6 +328,12 @@ class ShenronBot(commands.Bot):
         self.kb_problem = kb_problem  # why there is no knowledge base, for /health
         self.stats = stats if stats is not None else CouncilCounters()
         self.queue = CouncilQueue(settings.max_concurrent_councils, self)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.queue_length_from(lambda: self.queue.queued)
+        # Measured on demand (/health probe:True): the probe sends requests, so never on its own.
+        self.parallelism: dict[str, ParallelismReport] = {}
+        self.parallelism_at: float | None = None
+        self._probe_lock = asyncio.Lock()
         self.rounds: set[asyncio.Task[None]] = set()
         self.shutdown_reason: str | None = None
         self._throttles: dict[int, EditThrottle] = {}
@@ -368,6 +378,31 @@ class ShenronBot(commands.Bot):
                     del self._throttles[cid]
             throttle = self._throttles[channel_id] = EditThrottle(self.settings.edit_interval_s)
         return throttle
+
+    async def measure_parallelism(self) -> dict[str, ParallelismReport]:
+        """How many requests each backend really runs at once (sends a few short requests)."""
+        async with self._probe_lock:  # two admins asking at once share one measurement
+            self.parallelism = await probe_council(self.client, self.council)
+            self.parallelism_at = time.time()
+            for name, report in self.parallelism.items():
+                self.metrics.set_parallelism(name, report.at_once)
+        return self.parallelism
+
+    async def health_document(self) -> dict[str, Any]:
+        """The JSON served at GET /health when HEALTH_PORT is set."""
+        backends = await probe_backends(self.client, self.council, 5.0)
+        return summarise_health(
+            backends=backends,
+            discord_connected=self.is_ready() and not self.is_closed(),
+            kb_error=self.kb_problem or None,
+            extra={
+                "uptime_s": round(self.stats.uptime_s, 1),
+                "councils": {"served": self.stats.served, "failed": self.stats.failed,
+                             "interrupted": self.stats.interrupted, "running": self.queue.running,
+                             "queued": self.queue.queued},
+                "parallelism": {n: r.headline for n, r in self.parallelism.items()},
+            },
+        )
 
     @property
     def edits_made(self) -> int:
@@ -456,6 +491,7 @@ async def run_bot(settings: Settings, council: CouncilConfig, *, kb: KnowledgeBa
     token = check_token(settings.discord_token)
     discord.utils.setup_logging(level=logging.getLevelName(settings.log_level))
     stats = CouncilCounters()
+    metrics = Metrics()
     message_content = True
     async with make_session() as session:
         kb_problem = ""
@@ -474,7 +510,9 @@ async def run_bot(settings: Settings, council: CouncilConfig, *, kb: KnowledgeBa
                     stats=stats,
                     message_content=message_content,
                     kb_problem=kb_problem,
+                    metrics=metrics,
                 )
+                monitor = await start_monitoring(settings, metrics, bot.health_document)
                 try:
                     await _serve(bot, token)
                     return 0
@@ -495,6 +533,8 @@ async def run_bot(settings: Settings, council: CouncilConfig, *, kb: KnowledgeBa
                         "it: in council threads, mention the bot to ask a follow-up"
                     )
                     message_content = False
+                finally:
+                    await stop_monitoring(monitor)
         finally:
             if opened is not None:
                 await opened.close()  # type: ignore[attr-defined]

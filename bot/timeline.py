@@ -88,8 +88,10 @@ def summary_line(result: CouncilResult) -> str:
 def serialised_hint(result: CouncilResult) -> str | None:
     """A warning when the fighters plainly did not run side by side (the server queued them)."""
     st = result.stats
-    generating = sum(1 for a in result.answers if a.first_token_s is not None)
-    if generating >= 3 and st.overlap < max(1.5, generating / 3):
+    # Only fighters whose generation took time say anything: a reply in one chunk has no interval.
+    generating = sum(1 for a in result.answers if a.first_token_s is not None and a.last_token_s is not None
+                     and a.last_token_s > a.first_token_s)
+    if generating >= 3 and 0 < st.overlap < max(1.5, generating / 3):
         return (f"overlap {st.overlap:.1f}× for {generating} fighters: the backend seems to run requests one at "
                 "a time — see /health or `shenron doctor`")
     return None

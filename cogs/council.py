@@ -170,9 +170,11 @@ class CouncilRound:
                 events = self.bot.engine.run(
                     self.request.question, self.request.history, passages, fighters=self.request.fighters
                 )
-                async with aclosing(events):
-                    async for event in events:
-                        await self._on_event(event)
+                with self.bot.metrics.council() as tracked:
+                    async with aclosing(events):
+                        async for event in events:
+                            tracked.observe(event)
+                            await self._on_event(event)
             if self.result is None:
                 raise RuntimeError("the council ended without its final event")
             wall = self.result.stats.wall_s
@@ -207,8 +209,10 @@ class CouncilRound:
         except Exception as exc:
             # The council is still worth having without the documents: say so and carry on.
             log.warning("knowledge base search failed: %s", exc, exc_info=True)
+            self.bot.metrics.kb_query(ok=False)
             self.board.kb_note = "knowledge base unavailable for this round"
             return ()
+        self.bot.metrics.kb_query(passages=len(passages))
         self.board.sources = passages
         return passages
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import discord
@@ -35,6 +36,17 @@ def admin_only() -> Callable[[T], T]:
     return decorator
 
 
+def parallelism_note(bot: ShenronBot, backend: str) -> str:
+    """The measured figure for one backend, with the fix when it serialises."""
+    report = bot.parallelism.get(backend)
+    if report is None:
+        return "⚡ parallelism not measured — `/health probe:True` measures it"
+    note = f"⚡ {report.headline}"
+    if report.status != "ok" and report.advice:
+        note += " — " + render.clip(" ".join(report.advice), 300)
+    return note
+
+
 class HealthCog(commands.Cog):
     def __init__(self, bot: ShenronBot) -> None:
         self.bot = bot
@@ -42,11 +54,19 @@ class HealthCog(commands.Cog):
     @app_commands.command(name="health")
     @app_commands.guild_only()
     @admin_only()
-    async def health(self, interaction: discord.Interaction) -> None:
+    @app_commands.describe(probe="Also measure how many requests each backend really runs at once (sends a few)")
+    async def health(self, interaction: discord.Interaction, probe: bool = False) -> None:
         """Backends, models, knowledge base and council figures (admins only)."""
         await interaction.response.defer(ephemeral=True, thinking=True)
         bot = self.bot
         backends = await probe_backends(bot.client, bot.council, PROBE_TIMEOUT_S)
+        if probe:
+            try:
+                await bot.measure_parallelism()
+            except Exception as exc:
+                log.exception("parallelism probe failed")
+                backends = [replace(b, notes=(*b.notes, f"⚡ parallelism probe failed: {exc}")) for b in backends]
+        backends = [replace(b, notes=(*b.notes, parallelism_note(bot, b.name))) for b in backends]
         kb_stats: object = bot.kb_problem or None
         if bot.kb is not None:
             try:

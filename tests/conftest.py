@@ -6,6 +6,8 @@ import pytest_asyncio
 
 from tests.fakeserver import FakeLLM
 
+pytest_plugins = ["tests.discord_fixtures"]  # simcord scenes for the Discord tests
+
 
 @pytest_asyncio.fixture
 async def fake_llm() -> AsyncIterator[FakeLLM]:

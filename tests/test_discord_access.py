@@ -15,7 +15,6 @@ from tests.fakeserver import FakeLLM
 QUESTION = "Should I run ZFS or ext4 on my R730?"
 RUNBOOK = Passage(text="Use ZFS mirrors on the R730.", source="docs/runbook.md", heading="Storage", score=0.9)
 
-pytest_plugins = ["tests.discord_fixtures"]
 
 
 def board_of(scene: Scene, thread_index: int = 0) -> discord.Embed:

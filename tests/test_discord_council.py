@@ -13,7 +13,6 @@ from tests.fakeserver import FakeLLM, Script
 
 QUESTION = "Should I run ZFS or ext4 on my R730?"
 
-pytest_plugins = ["tests.discord_fixtures"]
 
 
 async def test_full_council(scene: Scene, fake_llm: FakeLLM) -> None:

@@ -8,9 +8,9 @@ import simcord
 from discord import app_commands
 
 from tests.discord_fixtures import GatedKnowledge, Scene, script_council
-from tests.fakeserver import FakeLLM
+from tests.factories import make_council
+from tests.fakeserver import FakeLLM, Script
 
-pytest_plugins = ["tests.discord_fixtures"]
 
 
 async def test_admin_sees_backends_models_and_figures(scene: Scene, fake_llm: FakeLLM) -> None:
@@ -108,3 +108,45 @@ def test_health_embed_fits_discord_limits() -> None:
     assert all(len(f.value) <= 1024 for f in embed.fields)
     assert {f.name: f.value for f in embed.fields}["Discord"] == "gateway unknown · up 1h 02m 05s"
     assert isinstance(embed, discord.Embed)
+
+
+class TestParallelismOnDemand:
+    """`/health probe:True` measures how many requests the backend really runs at once."""
+
+    @pytest.fixture
+    async def fake_llm(self):
+        # A server that runs one generation at a time, like Ollama with OLLAMA_NUM_PARALLEL=1.
+        async with FakeLLM(max_parallel=1, default=Script(text="one two three four five six", token_interval=0.02)) \
+                as fake:
+            yield fake
+
+    @pytest.fixture
+    def council_config(self, fake_llm: FakeLLM):
+        return make_council(fake_llm.url, max_retries=0, shared_model="qwen")  # one model: one probe
+
+    async def test_not_measured_until_asked(self, scene: Scene, fake_llm: FakeLLM) -> None:
+        result = await scene.admin.slash(scene.channel, "health")
+        backend = {f.name: f.value for f in result.response.embeds[0].fields}["Backend fake"]
+        assert "parallelism not measured — `/health probe:True` measures it" in backend
+        assert not any(r.path.endswith("/chat/completions") for r in fake_llm.requests), "no request unless asked"
+
+    async def test_probe_reports_a_serialising_backend_with_the_fix(self, scene: Scene, fake_llm: FakeLLM) -> None:
+        result = await scene.admin.slash(scene.channel, "health", probe=True)
+        backend = {f.name: f.value for f in result.response.embeds[0].fields}["Backend fake"]
+        assert "⚡ serves one at a time" in backend
+        assert "OLLAMA_NUM_PARALLEL" in backend and "max_concurrency" in backend
+        assert fake_llm.peak_parallel == 1
+        metrics = scene.bot.metrics.exposition().decode()
+        assert 'shenron_backend_parallel_requests{backend="fake"} 1.0' in metrics
+
+
+async def test_councils_in_discord_feed_the_metrics(scene: Scene, fake_llm: FakeLLM) -> None:
+    script_council(fake_llm)
+    fake_llm.script("vegeta", Script(status=500, error_message="boom"))
+    await scene.alice.slash(scene.channel, "shenron", question="ZFS or ext4?")
+    text = scene.bot.metrics.exposition().decode()
+    assert 'shenron_councils_total{outcome="partial"} 1.0' in text
+    assert 'shenron_errors_total{backend="fake",fighter="VEGETA",kind="http_500"} 1.0' in text
+    assert "shenron_councils_in_flight 0.0" in text
+    doc = await scene.bot.health_document()
+    assert doc["status"] in ("ok", "degraded") and doc["councils"]["served"] == 1

@@ -14,7 +14,6 @@ from tests.fakeserver import FakeLLM, Script
 
 QUESTION = "Should I run ZFS or ext4 on my R730?"
 
-pytest_plugins = ["tests.discord_fixtures"]
 
 
 def authored_by(message: discord.Message, name: str) -> bool:

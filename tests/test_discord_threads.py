@@ -14,7 +14,6 @@ from tests.fakeserver import FakeLLM, Script
 QUESTION = "Should I run ZFS or ext4 on my R730?"
 FOLLOW_UP = "And what about SSD wear?"
 
-pytest_plugins = ["tests.discord_fixtures"]
 
 
 def boards(scene: Scene) -> list[discord.Embed]:
