@@ -17,9 +17,9 @@ import re
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import discord
@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 EXTENSIONS = ("cogs.council", "cogs.health", "cogs.knowledge")  # each loads on its own; one failing is logged
 SHUTDOWN_GRACE_S = 15.0  # how long close() lets rounds write their "interrupted" state
 THROTTLE_IDLE_S = 300.0  # a channel's throttle is forgotten after this long without edits
+# A 429 or 5xx that reaches the bot has outlasted discord.py's own retries (or, for 503, had none):
+# a message that matters (a post, a final state) gets this many tries in all, backing off in between.
+DISCORD_TRIES = 3
+T = TypeVar("T")
 
 # Three base64url parts: user id, timestamp, HMAC. Lengths vary over the years; keep it loose.
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{20,}$")
@@ -87,6 +91,28 @@ def check_token(token: str | None) -> str:
     return token
 
 
+# --- Discord failures that may pass -----------------------------------------------------------
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """Rate limited (429) or a Discord server error (5xx): worth trying again in a moment."""
+    return isinstance(error, discord.HTTPException) and (error.status == 429 or error.status >= 500)
+
+
+async def retry_discord(call: Callable[[], Awaitable[T]], *, base_s: float, what: str) -> T:
+    """``call()``, tried again after ``base_s``, ``2*base_s``… while Discord answers 429/5xx."""
+    for attempt in range(1, DISCORD_TRIES + 1):
+        try:
+            return await call()
+        except discord.HTTPException as exc:
+            if attempt == DISCORD_TRIES or not is_transient(exc):
+                raise
+            delay = base_s * 2 ** (attempt - 1)
+            log.warning("%s failed (%s); trying again in %.2f s", what, exc, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 # --- edit budget -------------------------------------------------------------------------------
 
 
@@ -108,10 +134,13 @@ class LiveMessage:
         if not self.final:
             self.throttle.request(self)
 
-    async def finish(self, **payload: Any) -> None:
-        """Write ``payload`` (or the current render) as the final state, waiting for a slot."""
+    async def finish(self, **payload: Any) -> bool:
+        """Write ``payload`` (or the current render) as the final state, waiting for a slot.
+
+        Returns whether Discord took it; the caller says so some other way when it did not.
+        """
         self.final = True
-        await self.throttle.write_final(self, payload or self.render())
+        return await self.throttle.write_final(self, payload or self.render())
 
 
 class EditThrottle:
@@ -119,8 +148,9 @@ class EditThrottle:
 
     Discord's edit limits are per channel, and discord.py turns a 429 into waiting, so
     over-editing shows up as lag. A state change edits at once when the channel's slot is free;
-    otherwise it waits (coalesced) for the slot, served round-robin. Final writes take priority
-    and always happen. No task waits around while nothing is pending.
+    otherwise it waits (coalesced) for the slot, served round-robin. Final writes take priority,
+    and one that Discord refuses with a 429/5xx is tried again. No task waits around while nothing
+    is pending.
     """
 
     def __init__(self, interval_s: float, *, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -128,7 +158,7 @@ class EditThrottle:
         self._clock = clock
         self._pending: OrderedDict[int, LiveMessage] = OrderedDict()
         self._next_at = 0.0
-        self._inflight: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Task[BaseException | None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._finals_waiting = 0
         self.edits = 0
@@ -138,8 +168,20 @@ class EditThrottle:
         self._pending.setdefault(id(live), live)
         self._pump()
 
-    async def write_final(self, live: LiveMessage, payload: dict[str, Any]) -> None:
+    async def write_final(self, live: LiveMessage, payload: dict[str, Any]) -> bool:
+        """Write the final state; True once Discord took it, False when it kept refusing."""
         self._pending.pop(id(live), None)
+        for attempt in range(1, DISCORD_TRIES + 1):
+            await self._wait_for_slot()
+            error = await self._start_edit(live.message, payload)
+            if error is None:
+                return True
+            if attempt == DISCORD_TRIES or not is_transient(error):
+                return False
+            await asyncio.sleep(self.interval_s * 2 ** (attempt - 1))
+        return False
+
+    async def _wait_for_slot(self) -> None:
         self._finals_waiting += 1
         try:
             while True:
@@ -154,7 +196,6 @@ class EditThrottle:
                 await asyncio.sleep(wait)
         finally:
             self._finals_waiting -= 1
-        await self._start_edit(live.message, payload)
 
     def close(self) -> None:
         """Drop pending (non-final) updates; used at shutdown after the final states are written."""
@@ -188,22 +229,26 @@ class EditThrottle:
         self._timer = None
         self._pump()
 
-    def _start_edit(self, message: discord.Message, payload: dict[str, Any]) -> asyncio.Task[None]:
+    def _start_edit(self, message: discord.Message, payload: dict[str, Any]) -> asyncio.Task[BaseException | None]:
         self._next_at = self._clock() + self.interval_s
         task = asyncio.create_task(self._edit(message, payload), name="shenron-edit")
         self._inflight = task
         task.add_done_callback(lambda _: self._pump())
         return task
 
-    async def _edit(self, message: discord.Message, payload: dict[str, Any]) -> None:
+    async def _edit(self, message: discord.Message, payload: dict[str, Any]) -> BaseException | None:
+        """The edit; returns why it failed (None when it worked) instead of raising."""
         try:
             await message.edit(**payload)
             self.edits += 1
+            return None
         except discord.HTTPException as exc:
             # A vanished thread or a rejected edit must not stop the round; the next state retries.
             log.warning("could not edit message %s in channel %s: %s", message.id, message.channel.id, exc)
-        except Exception:
+            return exc
+        except Exception as exc:
             log.exception("editing message %s failed", message.id)
+            return exc
         finally:
             self.last_used = self._clock()
 

@@ -21,7 +21,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.config import Fighter
-from bot.discord_bot import LiveMessage, ShenronBot
+from bot.discord_bot import LiveMessage, ShenronBot, retry_discord
 from bot.events import (
     CouncilFinished,
     CouncilResult,
@@ -158,7 +158,7 @@ class CouncilRound:
     async def run(self) -> None:
         wall: float | None = None
         try:
-            board_message = await self.thread.send(embed=render.render_board(self.board))
+            board_message = await self._send(Outgoing(embeds=[render.render_board(self.board)]))
             self.board_live = LiveMessage(
                 board_message, self.bot.throttle(self.thread.id), lambda: {"embed": render.render_board(self.board)}
             )
@@ -217,7 +217,29 @@ class CouncilRound:
         return passages
 
     async def _send(self, out: Outgoing) -> discord.Message:
-        return await self.thread.send(**out.to_kwargs())
+        """Post in the thread; a 429/5xx is tried again (a fresh file each time), others raise."""
+        return await retry_discord(
+            lambda: self.thread.send(**out.to_kwargs()),
+            base_s=self.bot.settings.edit_interval_s,
+            what=f"posting in thread {self.thread.id}",
+        )
+
+    async def _repost(self, live: LiveMessage, embeds: list[discord.Embed]) -> None:
+        """Discord would not edit ``live`` into its final state: post that state anew, drop the old one."""
+        await self._send(Outgoing(embeds=embeds))
+        try:
+            await live.message.delete()
+        except discord.HTTPException as exc:
+            log.warning("could not remove the stale message %s: %s", live.message.id, exc)
+
+    async def _finish_board(self) -> None:
+        """The board's final state; if Discord refuses the edit, a message below says how it ended."""
+        assert self.board_live is not None
+        if await self.board_live.finish():
+            return
+        text = f"⚠️ Discord would not update the status board above. This round ended: {render.board_status(self.board)}"
+        notice = render.render_notice(text, colour=render.board_colour(self.board))
+        await self._send(Outgoing(embeds=[notice]))
 
     # -- events ------------------------------------------------------------------------------
 
@@ -253,7 +275,7 @@ class CouncilRound:
                 self.synth_text, self.synth_model, self.synth_fallback = "", model, fallback
                 self.synth_note = "" if not fallback else "the first model failed; trying the fallback"
                 if self.synth_live is None:
-                    message = await self.thread.send(embed=self._render_synth_live())
+                    message = await self._send(Outgoing(embeds=[self._render_synth_live()]))
                     self.synth_live = LiveMessage(
                         message, self.bot.throttle(self.thread.id), lambda: {"embed": self._render_synth_live()}
                     )
@@ -296,7 +318,8 @@ class CouncilRound:
         first, rest = parts[0], parts[1:]
         file = first.file
         if self.synth_live is not None:
-            await self.synth_live.finish(embeds=first.embeds)
+            if not await self.synth_live.finish(embeds=first.embeds):
+                await self._repost(self.synth_live, first.embeds)
         else:
             first = Outgoing(embeds=first.embeds)
             await self._send(first)
@@ -317,8 +340,7 @@ class CouncilRound:
             board.phase = "done"
         else:
             board.fail(f"no synthesis — {render.clip(result.synthesis.error, 300)}")
-        assert self.board_live is not None
-        await self.board_live.finish()
+        await self._finish_board()
 
     async def _end_interrupted(self, reason: str) -> None:
         self.board.interrupt(reason)
@@ -332,13 +354,17 @@ class CouncilRound:
         """Best effort, each message on its own: the thread may be gone, or Discord may refuse."""
         try:
             if self.synth_live is not None and not self.synth_live.final:
-                await self.synth_live.finish(embed=synth_embed)
+                if not await self.synth_live.finish(embed=synth_embed):
+                    await self._repost(self.synth_live, [synth_embed])
             elif self.synth_live is None:
-                await self.thread.send(embed=synth_embed)
+                await self._send(Outgoing(embeds=[synth_embed]))
         except discord.HTTPException as exc:
             log.warning("could not post the final synthesis state in thread %s: %s", self.thread.id, exc)
         if self.board_live is not None:
-            await self.board_live.finish()  # the throttle logs a refused edit itself
+            try:
+                await self._finish_board()
+            except discord.HTTPException as exc:
+                log.warning("could not say how the round in thread %s ended: %s", self.thread.id, exc)
 
 
 # --- the cog ------------------------------------------------------------------------------
@@ -424,8 +450,12 @@ class CouncilCog(commands.Cog):
                 history, rounds = await read_thread(thread, self.bot.user.id if self.bot.user else 0)
                 round_no = rounds + 1
             else:
-                thread = await header.create_thread(
-                    name=render.thread_name(question), auto_archive_duration=THREAD_ARCHIVE_MIN
+                thread = await retry_discord(
+                    lambda: header.create_thread(
+                        name=render.thread_name(question), auto_archive_duration=THREAD_ARCHIVE_MIN
+                    ),
+                    base_s=self.bot.settings.edit_interval_s,
+                    what=f"opening a thread in channel {interaction.channel_id}",
                 )
             self._start(
                 RoundRequest(

@@ -370,7 +370,8 @@ class Board:
         self.failure = reason
 
 
-def _board_status(board: Board) -> str:
+def board_status(board: Board) -> str:
+    """The board's footer line: where the round is, or how it ended."""
     match board.phase:
         case "queued":
             if board.queue_position:
@@ -394,12 +395,16 @@ def _board_status(board: Board) -> str:
 _PHASE_COLOURS: dict[str, int] = {"done": COLOUR_DONE, "failed": COLOUR_FAILED, "interrupted": COLOUR_INTERRUPTED}
 
 
+def board_colour(board: Board) -> int:
+    return _PHASE_COLOURS.get(board.phase, COLOUR_BUSY)
+
+
 def render_board(board: Board) -> discord.Embed:
     """The status board: the question, one line per fighter, SHENRON's line, and where things are."""
     embed = discord.Embed(
         title=BOARD_TITLE.format(n=board.round_no),
         description=clip(neutralize_mentions(board.question), QUESTION_LIMIT),
-        colour=_PHASE_COLOURS.get(board.phase, COLOUR_BUSY),
+        colour=board_colour(board),
     )
     lines = [seat.line() for seat in board.seats]
     fighters = "\n".join(lines)
@@ -420,7 +425,7 @@ def render_board(board: Board) -> discord.Embed:
         if board.sources and board.kb_note:
             value += f"\n{board.kb_note}"
         embed.add_field(name="📚 Sources", value=clip(value, FIELD_VALUE_LIMIT), inline=False)
-    embed.set_footer(text=clip(_board_status(board), FOOTER_LIMIT))
+    embed.set_footer(text=clip(board_status(board), FOOTER_LIMIT))
     return embed
 
 
