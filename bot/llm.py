@@ -508,6 +508,10 @@ class LLMClient:
 
         def fire(limit: float) -> None:
             expired.append(limit)
+            # Fail the pending read with an exception of our own first: on close aiohttp raises one
+            # shared "Connection closed" error whose traceback grows with every stream it is raised
+            # in and is never cleared, which kept each timed-out stream in memory (found by the soak).
+            resp.content.set_exception(aiohttp.ClientConnectionError("deadline passed"))
             resp.close()
 
         def bad(what: str) -> MalformedChunk:

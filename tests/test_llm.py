@@ -260,3 +260,21 @@ async def test_closing_the_stream_early_releases_the_connection(fake_llm: FakeLL
 async def test_list_models(fake_llm: FakeLLM, client: LLMClient) -> None:
     fake_llm.script("alpha", Script())
     assert "alpha" in await client.list_models("fake")
+
+
+async def test_timed_out_streams_are_not_kept_alive(fake_llm: FakeLLM) -> None:
+    # Regression: a deadline hit mid-read used to surface aiohttp's one shared "Connection closed"
+    # error, whose traceback kept every timed-out stream (response, frames, buffers) alive for good.
+    import gc
+
+    import aiohttp
+
+    fake_llm.script("m", Script(text="a b c", stall_after=1))
+    async with make_session() as session:
+        client = LLMClient(session, {"fake": make_backend(fake_llm.url, total_timeout_s=0.05)})
+        for _ in range(5):
+            with pytest.raises(LLMTimeout):
+                await stream_all(client, "m")
+    fake_llm.release()
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, aiohttp.ClientResponse)] == []
