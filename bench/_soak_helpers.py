@@ -214,6 +214,5 @@ def soak_server() -> Iterator[SoakServer]:
 if __name__ == "__main__":
     if sys.argv[1:] != ["serve"]:
         sys.exit("usage: python bench/_soak_helpers.py serve")
-    from bot import runtime
 
-    runtime.run(_serve())
+    asyncio.run(_serve())

@@ -52,7 +52,6 @@ except ImportError:  # run as a script from bench/
     import _common as common  # type: ignore[no-redef]
     from fake_server_process import parse_model  # type: ignore[no-redef]
 
-from bot import runtime  # noqa: E402
 from bot.config import Backend, CouncilConfig, Fighter, Synthesizer  # noqa: E402
 from bot.council import CouncilEngine, collect  # noqa: E402
 from bot.events import CouncilFinished, CouncilResult, FighterToken  # noqa: E402
@@ -480,13 +479,13 @@ def main() -> None:
     with common.fake_server(args.impl, models) as server:
         out["server_pid"] = server.pid
         if "1" in args.only:
-            s1 = runtime.run(single_council(server.url, repeats))
+            s1 = asyncio.run(single_council(server.url, repeats))
             out["single"] = s1
             rows.append(["1 one council (6 fighters 1.0-2.0 s + synth 0.5 s)", "wall / critical path (median)",
                          f"{s1['median_ratio']:.3f} ({s1['median_wall_s']:.3f} s / {s1['critical_path_s']:.1f} s)",
                          f"<= {TARGET_SINGLE}", verdict(s1["median_ratio"] <= TARGET_SINGLE and s1["all_ok"])])
         if "2" in args.only:
-            seq = runtime.run(sequential_council(server.url, 1 if args.quick else 2))
+            seq = asyncio.run(sequential_council(server.url, 1 if args.quick else 2))
             thr = threadpool_council(server.port, server.url, repeats)
             out["sequential"], out["threadpool"] = seq, thr
             if "single" in out:
@@ -501,7 +500,7 @@ def main() -> None:
                          verdict(thr["median_ratio"] <= 1.10)])
         if "3" in args.only:
             prof = cProfile.Profile() if args.profile else None
-            reps3 = [runtime.run(load(server, n_load, prof if i == 0 else None)) for i in range(load_reps)]
+            reps3 = [asyncio.run(load(server, n_load, prof if i == 0 else None)) for i in range(load_reps)]
             order = sorted(range(load_reps), key=lambda i: reps3[i]["cold"]["ratio"])
             pick = order[len(order) // 2]
             out["load"] = {"repeats": load_reps, "median_repeat": pick, "runs": reps3,
@@ -558,7 +557,7 @@ def main() -> None:
             if not args.quick:  # where does one event loop stop keeping up?
                 sweep = []
                 for n in SWEEP:
-                    c = runtime.run(load(server, n, None, warm_round=False))["cold"]
+                    c = asyncio.run(load(server, n, None, warm_round=False))["cold"]
                     sweep.append(c)
                     bad = c["fighters_total"] - c["fighters_ok"] + n - c["synthesis_ok"]
                     rows.append(["3b capacity sweep" if n == SWEEP[0] else "",
@@ -571,7 +570,7 @@ def main() -> None:
                                          and c["loop_lag"]["p99_ms"] <= TARGET_LAG_P99_MS)])
                 out["load"]["sweep"] = sweep
         if "4" in args.only:
-            s4 = runtime.run(cancellations(server, n_cancel, 50))
+            s4 = asyncio.run(cancellations(server, n_cancel, 50))
             out["cancel"] = s4
             g = s4["growth_after_one_tick"]
             b, a = s4["before"], s4["after_one_tick"]

@@ -65,7 +65,6 @@ except ImportError:  # run as a script from bench/
 
 import aiohttp  # noqa: E402
 
-from bot import runtime  # noqa: E402
 from bot.config import CouncilConfig  # noqa: E402
 from bot.council import CouncilEngine, collect  # noqa: E402
 from bot.events import CouncilFinished, CouncilResult, FighterToken, Passage, SynthesisStarted  # noqa: E402
@@ -734,7 +733,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     with sh.soak_server() as server:
-        checks, s = runtime.run(run_all(args, server))
+        checks, s = asyncio.run(run_all(args, server))
         server_stderr = server.stderr_lines()
     runtime_s = time.perf_counter() - t0
     summary, rows = summarise(s, args.concurrency)
@@ -744,7 +743,7 @@ def main() -> None:
     print()
     print(common.table(rows, ["target", "value", "target", "result"]))
     print(f"\nruntime {runtime_s:.1f} s (soak: warm-up {s['wall_warmup_s']:.1f} s + {s['wall_rest_s']:.1f} s); "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, loop {runtime.loop_name()}; fake server "
+          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, loop asyncio; fake server "
           f"in its own process (pid {server.pid}); after the session closed: {s['after_session_closed']}")
     if s["log_samples"]:
         print("client log samples:\n  " + "\n  ".join(s["log_samples"]))
@@ -753,7 +752,7 @@ def main() -> None:
     failed = [r for r in rows if r[-1] == "FAIL"]
     out = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "loop": runtime.loop_name()},
+                    "loop": "asyncio"},
         "args": vars(args), "runtime_s": runtime_s,
         "timeouts": {"first_token_s": FIRST_TOKEN_TIMEOUT, "total_s": TOTAL_TIMEOUT,
                      "round_deadline_s": ROUND_DEADLINE},

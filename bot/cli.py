@@ -6,6 +6,7 @@ Configuration mistakes print one line naming the file, the key and the fix, and 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -14,7 +15,6 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 
-from bot import runtime
 from bot.config import ConfigError, CouncilConfig, Settings, load_council, load_settings
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,16 @@ def _setup_logging(settings: Settings | None, verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _warn_if_readable_by_others(path: Path, shown: str) -> None:
+    """One stderr line when the settings file (it holds the tokens) is open to group or others."""
+    if os.name == "nt":
+        return  # no POSIX permission bits to judge
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o044:
+        print(f"shenron: warning: {shown} is readable by other users (mode {mode:o}); fix: chmod 600 {shown}",
+              file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -111,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     env_file = Path(args.env_file)
     if env_file.is_file():
         load_dotenv(env_file, override=False)
+        _warn_if_readable_by_others(env_file, args.env_file)
     elif args.env_file != ".env":
         print(f"shenron: {env_file}: settings file not found. Fix: check the path given to --env-file",
               file=sys.stderr)
@@ -127,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(settings if args.command == "run" else None, args.verbose)
         council = load_council(settings.council_path) if getattr(args, "needs_council", False) else None
         func: Callable[..., Awaitable[int]] = args.func
-        return runtime.run(func(args, settings, council))
+        return asyncio.run(func(args, settings, council))
     except ConfigError as exc:
         print(f"shenron: {exc}", file=sys.stderr)
         return EXIT_CONFIG
