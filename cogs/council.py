@@ -48,6 +48,7 @@ FOLLOW_UP_MAX = 4000  # Nitro users can send longer messages than the slash opti
 HISTORY_MESSAGES = 200  # how far back a thread is read to rebuild its history
 THREAD_ARCHIVE_MIN = 1440  # a day of quiet before the thread archives itself
 BUSY_THREAD = "A round is still running in this thread — wait for SHENRON's answer, then ask again."
+EMPTY_QUESTION = "Your question is empty (or only invisible characters): write it after `question:`."
 
 
 # --- who may ask --------------------------------------------------------------------------
@@ -417,6 +418,9 @@ class CouncilCog(commands.Cog):
         roles = [r.id for r in getattr(user, "roles", ())]
         channel = interaction.channel
         refusal = access_refusal(self.bot, interaction.guild_id, channel, roles) or self.gate.refusal(self.bot, user.id)
+        question = render.clean_question(question)
+        if refusal is None and not question:
+            refusal = EMPTY_QUESTION
         picked: tuple[str, ...] | None = None
         if refusal is None:
             try:
@@ -511,7 +515,7 @@ class CouncilCog(commands.Cog):
         mentioned = any(u.id == me.id for u in message.mentions)
         if not (self.bot.intents.message_content or mentioned):
             return  # without the intent the text is empty unless the bot is mentioned
-        question = strip_bot_mention(message.content, me.id)
+        question = render.clean_question(strip_bot_mention(message.content, me.id))
         if not question:
             if mentioned:
                 await message.reply("Ask your follow-up after the mention, e.g. `@SHENRON and on SSDs?`")

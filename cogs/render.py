@@ -8,6 +8,7 @@ Nothing here touches the network, so every Discord limit is checked by unit test
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -77,9 +78,30 @@ def clip(text: str, limit: int, marker: str = "…") -> str:
     return text[: max(0, limit - len(marker))].rstrip() + marker
 
 
+_JOINERS = frozenset("\u200c\u200d")  # ZWNJ and ZWJ shape some scripts and join emoji: kept
+# Characters that draw nothing although they are not whitespace: Hangul fillers, the braille blank,
+# variation selectors.
+_BLANK = frozenset("\u115f\u1160\u2800\u3164\uffa0") | frozenset(map(chr, range(0xFE00, 0xFE10)))
+
+
+def clean_question(text: str) -> str:
+    """A question as the council should see it; "" when nothing visible is left.
+
+    Line breaks become "\n" and tabs spaces; control characters, lone surrogates and invisible
+    format characters (zero-width spaces, bidi overrides, Unicode tag characters) are dropped.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
+    kept = "".join(
+        c for c in text if c == "\n" or c in _JOINERS or unicodedata.category(c) not in ("Cc", "Cf", "Cs")
+    ).strip()
+    if all(c.isspace() or c in _JOINERS or c in _BLANK for c in kept):
+        return ""
+    return kept
+
+
 def thread_name(question: str) -> str:
     """A thread name (1–100 characters, one line) made from the question."""
-    flat = " ".join(restore_mentions(question).replace("@", "").split())
+    flat = " ".join(clean_question(restore_mentions(question)).replace("@", "").split())
     return clip(flat, THREAD_NAME_LIMIT) or "SHENRON council"
 
 
