@@ -108,6 +108,7 @@ def thread_name(question: str) -> str:
 # --- splitting long text ----------------------------------------------------------------------
 
 _FENCE = re.compile(r"^\s*(`{3,}|~{3,})(.*)$")
+FENCE_MARKER_LIMIT = 10
 
 
 def _toggle(open_fence: str | None, line: str) -> str | None:
@@ -118,7 +119,8 @@ def _toggle(open_fence: str | None, line: str) -> str | None:
     info = m.group(2).strip()
     if open_fence is None:
         # Remember the marker and the language only: that is what the next chunk reopens with.
-        return m.group(1) + (info.split()[0][:20] if info else "")
+        # Both capped: a model stuck repeating "`" makes a fence line thousands of characters long.
+        return m.group(1)[:FENCE_MARKER_LIMIT] + (info.split()[0][:20] if info else "")
     return None if not info else open_fence
 
 
