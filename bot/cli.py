@@ -108,8 +108,8 @@ def _warn_if_readable_by_others(path: Path, shown: str) -> None:
         return  # no POSIX permission bits to judge
     mode = path.stat().st_mode & 0o777
     if mode & 0o044:
-        print(f"shenron: warning: {shown} is readable by other users (mode {mode:o}); fix: chmod 600 {shown}",
-              file=sys.stderr)
+        warning = f"{shown} is readable by other users (mode {mode:o}); fix: chmod 600 {shown}"
+        print(f"shenron: warning: {warning}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
