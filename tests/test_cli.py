@@ -84,6 +84,7 @@ def test_configuration_mistakes_exit_2_with_one_line(args, files, expected, tmp_
     (tmp_path / "council.toml").write_text((REPO / "council.toml").read_text())
     for name, text in files.items():
         (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o600)  # a .env others can read adds its own warning line
     proc = shenron(*args, env=env, cwd=tmp_path)
     assert proc.returncode == 2
     assert expected in proc.stderr
