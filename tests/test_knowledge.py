@@ -140,9 +140,9 @@ async def test_bad_files_are_skipped_with_reasons_and_the_rest_is_added(kb: Know
 
 async def test_progress_is_reported_for_every_file(kb: KnowledgeBase, corpus: Path) -> None:
     seen = []
-    await kb.add_paths([corpus, corpus / "nope.md"], progress=seen.append)
-    assert [(p.done, p.total) for p in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    assert {p.outcome.status for p in seen} == {"added", "skipped"}
+    await kb.add_paths([corpus, corpus / "nope.md", corpus / "gone.txt"], progress=seen.append)
+    assert [(p.done, p.total) for p in seen] == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    assert [p.outcome.status for p in seen] == ["skipped", "skipped", "added", "added", "added"]
 
 
 async def test_attachments_are_added_from_bytes(kb: KnowledgeBase) -> None:

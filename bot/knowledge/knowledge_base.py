@@ -176,16 +176,19 @@ class KnowledgeBase:
         replaced; files that cannot be used are skipped with a reason, never fatal."""
         started = time.perf_counter()
         files, missing = await asyncio.to_thread(collect_files, [Path(p) for p in paths])
-        outcomes = [FileOutcome(path, "skipped", reason=why) for path, why in missing]
-        for outcome in outcomes:
-            if progress:
-                progress(IngestProgress(len(outcomes), len(files) + len(missing), outcome))
-        for path in files:
-            source = await asyncio.to_thread(source_name, path)
-            outcome = await self._ingest(source, lambda p=path: read_bytes(p))
+        total = len(files) + len(missing)
+        outcomes: list[FileOutcome] = []
+
+        def done(outcome: FileOutcome) -> None:
             outcomes.append(outcome)
             if progress:
-                progress(IngestProgress(len(outcomes), len(files) + len(missing), outcome))
+                progress(IngestProgress(len(outcomes), total, outcome))
+
+        for path, why in missing:
+            done(FileOutcome(path, "skipped", reason=why))
+        for path in files:
+            source = await asyncio.to_thread(source_name, path)
+            done(await self._ingest(source, lambda p=path: read_bytes(p)))
         return IngestReport(tuple(outcomes), time.perf_counter() - started)
 
     async def add_bytes(self, data: bytes, source: str) -> FileOutcome:
@@ -194,8 +197,7 @@ class KnowledgeBase:
 
     async def _ingest(self, source: str, load: Callable[[], bytes]) -> FileOutcome:
         try:
-            data = await asyncio.to_thread(load)
-            digest = hashlib.sha256(data).hexdigest()
+            data, digest = await asyncio.to_thread(_load_and_hash, load)
             if await asyncio.to_thread(self.store.content_hash, source) == digest:
                 return FileOutcome(source, "unchanged")
             doc, chunks = await asyncio.to_thread(_parse, data, source)
@@ -255,6 +257,11 @@ class KnowledgeBase:
                 progress(done, total)
         await asyncio.to_thread(self.store.finish_rebuild, new)
         return done
+
+
+def _load_and_hash(load: Callable[[], bytes]) -> tuple[bytes, str]:
+    data = load()
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def _parse(data: bytes, source: str) -> tuple[Document, list[Chunk]]:

@@ -39,6 +39,12 @@ SCHEMA = 1
 # Measured in bench/knowledge.py: recall@5 >= 0.95 against exact search at 100k chunks.
 HNSW = {"space": "cosine", "max_neighbors": 32, "ef_construction": 200, "ef_search": 128}
 PAGE = 2000  # rows per get() when reading a whole collection
+# chromadb's embedded bindings hold the GIL through a whole upsert (about 8 ms a call plus 1 ms a
+# chunk, measured), so the event loop pauses meanwhile, thread or not. A few chunks per call keep
+# each pause short (10-30 ms instead of 60-100 ms for 50 chunks); bench/knowledge.py measures the
+# lag. With CHROMA_URL the writes happen in the server's process and the loop does not pause.
+WRITE_BATCH = 4
+DELETE_BATCH = 64
 LOCK_WAIT_S = 10.0
 
 
@@ -126,7 +132,7 @@ class FolderLock:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     return False
-                time.sleep(0.05)  # another process holds it for one file's write at most
+                time.sleep(0.05)  # a writer holds it for one file at most, a reader for one command
 
     def _busy(self, why: str) -> StoreError:
         return StoreError(
@@ -253,24 +259,18 @@ class ChromaStore:
         """Store a file's chunks, then drop the chunks of its previous version. Returns how many
         were dropped. New before old: a search meanwhile finds one version or the other."""
         with self._writing():
-            batch = self.client.get_max_batch_size()
-            for start in range(0, len(ids), batch):
-                end = start + batch
-                self.collection.upsert(ids=list(ids[start:end]), embeddings=vectors[start:end],
-                                       documents=list(documents[start:end]),
-                                       metadatas=list(metadatas[start:end]))
+            _upsert(self.collection, ids, vectors, documents, metadatas)
             stale = {"$and": [{"source": source}, {"content_hash": {"$ne": content_hash}}]}
-            old = self.collection.get(where=stale, include=[])["ids"]
-            if old:
-                self.collection.delete(ids=old)
-            return len(old)
+            return self._delete(self.collection.get(where=stale, include=[])["ids"])
 
     def remove_source(self, source: str) -> int:
         with self._writing():
-            ids = self.collection.get(where={"source": source}, include=[])["ids"]
-            if ids:
-                self.collection.delete(ids=ids)
-            return len(ids)
+            return self._delete(self.collection.get(where={"source": source}, include=[])["ids"])
+
+    def _delete(self, ids: Sequence[str]) -> int:
+        for start in range(0, len(ids), DELETE_BATCH):
+            self.collection.delete(ids=list(ids[start:start + DELETE_BATCH]))
+        return len(ids)
 
     def start_rebuild(self, embedder: str) -> Any:
         """A fresh, empty collection for ``embedder`` beside the current one (see finish_rebuild)."""
@@ -288,8 +288,7 @@ class ChromaStore:
     def add_rows(self, collection: Any, ids: Sequence[str], vectors: np.ndarray,
                  documents: Sequence[str], metadatas: Sequence[dict[str, Any]]) -> None:
         with self._writing():
-            collection.add(ids=list(ids), embeddings=vectors, documents=list(documents),
-                           metadatas=list(metadatas))
+            _upsert(collection, ids, vectors, documents, metadatas)
 
     def finish_rebuild(self, new: Any) -> None:
         """The rebuilt collection takes the current one's name; until now the old one was intact."""
@@ -302,6 +301,14 @@ class ChromaStore:
     @property
     def _rebuild_name(self) -> str:
         return f"{self.collection.name[:500]}-rebuild"
+
+
+def _upsert(collection: Any, ids: Sequence[str], vectors: np.ndarray, documents: Sequence[str],
+            metadatas: Sequence[dict[str, Any]]) -> None:
+    for start in range(0, len(ids), WRITE_BATCH):
+        end = start + WRITE_BATCH
+        collection.upsert(ids=list(ids[start:end]), embeddings=vectors[start:end],
+                          documents=list(documents[start:end]), metadatas=list(metadatas[start:end]))
 
 
 def _persistent_client(path: Path) -> Any:
