@@ -142,6 +142,10 @@ def _check_url(file: str, key: str, url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(file, key, f"{url!r} is not an http(s) URL",
                           'write it like "http://localhost:1234/v1"')
+    if parts.username or parts.password:
+        # It would be shown in /health, errors and logs; keys belong in .env, sent as a Bearer token.
+        raise ConfigError(file, key, "contains a user name or password",
+                          "remove it from the URL; put the key in .env and name it with api_key_env")
     try:
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:

@@ -259,6 +259,11 @@ def _server_message(body: bytes) -> str:
     return str(msg)[:MAX_ERROR_CHARS]
 
 
+def _redact(b: Backend, text: str) -> str:
+    """Server text goes into messages users see; some proxies echo the key they rejected."""
+    return text.replace(b.api_key, "***") if b.api_key else text
+
+
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     raw = headers.get("Retry-After")
     if not raw:
@@ -312,7 +317,7 @@ class LLMClient:
 
     async def _error_from_response(self, b: Backend, model: str, resp: aiohttp.ClientResponse) -> LLMError:
         body = await resp.read()
-        message = _server_message(body)
+        message = _redact(b, _server_message(body))
         status = resp.status
         if status in (401, 403):
             hint = (f"check {b.api_key_env} in .env" if b.api_key_env
@@ -552,12 +557,12 @@ class LLMClient:
                     try:
                         obj = json.loads(raw)
                     except ValueError:
-                        raise bad(repr(raw[:80].decode("utf-8", "replace"))) from None
+                        raise bad(repr(_redact(b, raw[:80].decode("utf-8", "replace")))) from None
                     if not isinstance(obj, dict):
                         raise bad("not a JSON object")
                     if obj.get("error"):
                         err = obj["error"]
-                        msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+                        msg = _redact(b, err.get("message", str(err)) if isinstance(err, dict) else str(err))
                         raise StreamError(
                             f"{model} on backend {b.name} reported an error mid-answer: {msg[:MAX_ERROR_CHARS]}",
                             backend=b.name, model=model)

@@ -62,6 +62,8 @@ def test_llm_base_url_and_model_override_every_backend_and_model() -> None:
         (lambda t: t.replace("http://localhost:1234/v1", "localhost:1234"), "backends.local.base_url", "http://"),
         (lambda t: t.replace("http://localhost:1234/v1", "http://localhost:12x4/v1"), "backends.local.base_url",
          "http://"),
+        (lambda t: t.replace("http://localhost:1234/v1", "https://me:hunter2@proxy.example/v1"),
+         "backends.local.base_url", "api_key_env"),
         (lambda t: t.replace('persona = "You fight."', 'persona = "You fight."\ntemperature = 3.5'),
          "fighters[0].temperature", "between 0 and 2"),
         (lambda t: t.replace('persona = "You fight."', 'persona = "You fight."\ntemperature = "hot"'),
@@ -78,7 +80,7 @@ def test_llm_base_url_and_model_override_every_backend_and_model() -> None:
         (lambda t: t.replace('persona = "You fight."', 'persona = "You fight."\nmax_tokens = 0'),
          "fighters[0].max_tokens", "between 1"),
     ],
-    ids=["toml-syntax", "unknown-backend", "url-without-scheme", "malformed-port", "temperature-range",
+    ids=["toml-syntax", "unknown-backend", "url-without-scheme", "malformed-port", "credentials-in-url", "temperature-range",
          "temperature-type", "empty-name", "duplicate-name", "empty-roster", "no-backend", "no-synth-prompt",
          "unknown-section", "max-tokens-range"],
 )

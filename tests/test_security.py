@@ -320,11 +320,6 @@ class TestRejectedKey:
         assert_secret_free(log_texts(caplog.records), self.WRONG, TOKEN)
         assert_secret_free([json.dumps(await scene.bot.health_document(), default=str)], self.WRONG, TOKEN)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="bot/llm.py LLMClient._error_from_response puts the server's message in the error verbatim; "
-        "a server that echoes the key it was sent (some proxies do) puts the key in a public Discord embed",
-    )
     async def test_a_server_that_echoes_the_key_does_not_get_it_shown(self, scene: Scene, fake_llm: FakeLLM) -> None:
         for model in [*(n.lower() for n in NAMES), "shenron"]:
             fake_llm.script(model, Script(status=401, error_message=f"Incorrect API key provided: {self.WRONG}"))
