@@ -12,7 +12,10 @@ import discord
 
 from bot.discord_bot import EditThrottle, LiveMessage
 
-INTERVAL = 0.05
+INTERVAL = 0.2
+# An edit is logged when its task first runs, a loop pass after its slot opened; on a busy machine
+# that pass can be late by a few ms, which shortens the *logged* gap. The slack covers that.
+SLACK = 0.02
 
 
 class RecordingMessage:
@@ -56,7 +59,7 @@ async def test_bursts_coalesce_and_the_final_state_is_written() -> None:
 
     assert [entry[2] for entry in log] == [1, 50, "final"]
     times = [entry[0] for entry in log]
-    assert all(b - a >= INTERVAL * 0.95 for a, b in itertools.pairwise(times))
+    assert all(b - a >= INTERVAL - SLACK for a, b in itertools.pairwise(times))
     assert throttle.edits == 3 and throttle.idle
 
 
@@ -75,7 +78,7 @@ async def test_messages_in_one_channel_share_one_budget() -> None:
     names = [entry[1] for entry in log]
     assert names[:4] == ["board", "synthesis", "board", "synthesis"]  # round-robin, not one hogging
     times = [entry[0] for entry in log]
-    assert all(b - a >= INTERVAL * 0.95 for a, b in itertools.pairwise(times))
+    assert all(b - a >= INTERVAL - SLACK for a, b in itertools.pairwise(times))
     await board.finish(state="done")
     await synthesis.finish(state="done")
     assert log[-2][1:] == ("board", "done") and log[-1][1:] == ("synthesis", "done")
