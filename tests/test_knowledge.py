@@ -356,6 +356,57 @@ async def test_another_process_cannot_write_while_the_folder_is_open(tmp_path: P
         assert len((await kb.add_paths([corpus])).added) == 3
 
 
+# --- the embedded folder served by a child process (for the bot) ---------------------------------
+
+async def test_a_served_folder_works_like_the_embedded_one_and_its_child_ends(tmp_path: Path,
+                                                                               corpus: Path) -> None:
+    settings = settings_for(tmp_path)
+    async with await KnowledgeBase.open(settings, serve=True) as kb:
+        child = kb.store.child
+        assert child is not None and child.proc.poll() is None
+        assert len((await kb.add_paths([corpus])).added) == 3
+        for question, expected in QUESTIONS.items():
+            assert name_and_heading((await kb.search(question))[0]) == expected, question
+        stats = await kb.stats()
+        assert (stats.mode, stats.location, stats.chunks) == ("embedded", str(tmp_path / "chroma"), 5)
+    assert child.proc.poll() is not None  # stopped with the knowledge base
+    async with await KnowledgeBase.open(settings) as kb:  # the same folder, opened in-process
+        assert [o.status for o in (await kb.add_paths([corpus])).outcomes] == ["unchanged"] * 3
+
+
+async def test_the_served_child_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    parent = textwrap.dedent(f"""
+        import asyncio, dataclasses, sys
+        from pathlib import Path
+        from bot.config import Settings
+        from bot.knowledge import KnowledgeBase
+        async def main():
+            settings = dataclasses.replace(Settings(), chroma_path=Path({str(tmp_path / "chroma")!r}))
+            kb = await KnowledgeBase.open(settings, serve=True)
+            print(kb.store.child.proc.pid, flush=True)
+            sys.stdin.readline()
+        asyncio.run(main())
+    """)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", parent, stdin=subprocess.PIPE,
+                                                stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+    child_pid = int(await proc.stdout.readline())  # type: ignore[union-attr]
+    proc.kill()
+    await proc.wait()
+    deadline = time.monotonic() + 20
+    while _state(child_pid) not in ("gone", "zombie"):
+        assert time.monotonic() < deadline, "chroma run outlived its parent"
+        await asyncio.sleep(0.05)  # polling the child's state, not guessing a delay
+
+
+def _state(pid: int) -> str:
+    """'gone', 'zombie' or another state of a process, from /proc."""
+    try:
+        line = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "gone"
+    return "zombie" if "zombie" in line else line.strip()
+
+
 # --- a Chroma server -----------------------------------------------------------------------------
 
 def free_port() -> int:

@@ -6,46 +6,24 @@ import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
-import pytest
 import pytest_asyncio
 import simcord
 from discord import app_commands
 
-from bot.config import CouncilConfig, Settings
-from bot.council import CouncilEngine
-from bot.discord_bot import EXTENSIONS, ShenronBot
+from bot.config import Settings
 from bot.knowledge import KnowledgeBase
-from bot.llm import LLMClient
-from bot.stats import CouncilCounters
 from tests.discord_fixtures import Scene
 from tests.knowledge_corpus import RUNBOOK
 
 pytest_plugins = ["tests.discord_fixtures"]
 
 
-class BotWithKnowledgeCog(ShenronBot):
-    """The bot as run_bot builds it, with cogs.knowledge loaded (until EXTENSIONS lists it)."""
-
-    async def setup_hook(self) -> None:
-        if "cogs.knowledge" not in EXTENSIONS:
-            await self.load_extension("cogs.knowledge")
-        await super().setup_hook()
-
-
 @pytest_asyncio.fixture
 async def knowledge(tmp_path: Path) -> AsyncIterator[KnowledgeBase]:
+    """The bot's knowledge base (discord_fixtures hands it to the bot): real, embedded in tmp_path."""
     kb = await KnowledgeBase.open(dataclasses.replace(Settings(), chroma_path=tmp_path / "chroma"))
     yield kb
     await kb.close()
-
-
-@pytest.fixture
-def simcord_bot(bot_settings: Settings, council_config: CouncilConfig, llm_session: aiohttp.ClientSession,
-                knowledge: KnowledgeBase) -> ShenronBot:
-    engine = CouncilEngine(LLMClient(llm_session, council_config.backends), council_config)
-    return BotWithKnowledgeCog(settings=bot_settings, engine=engine, session=llm_session, kb=knowledge,
-                               stats=CouncilCounters())
 
 
 def reply(result: simcord.InteractionResult) -> simcord.ResponseMessage:

@@ -109,12 +109,16 @@ class KnowledgeBase:
     @classmethod
     async def open(cls, settings: Settings, session: aiohttp.ClientSession | None = None,
                    backends: Mapping[str, Backend] | None = None, *,
-                   check_embedder: bool = True) -> KnowledgeBase:
+                   check_embedder: bool = True, serve: bool = False) -> KnowledgeBase:
         """Connect to the collection named by the settings, creating it when it does not exist.
 
         Raises ConfigError for a malformed KB_EMBEDDER, StoreError when Chroma is unusable and
         EmbedderMismatchError when the collection was built by another embedder (unless
         ``check_embedder`` is False, which only ``rebuild`` needs).
+
+        ``serve=True`` (for a long-running process such as the bot) runs an embedded folder in a
+        `chroma run` child process: chromadb's in-process writes hold the GIL and would pause the
+        event loop for 10-30 ms each. It starts in about 2 s; without CHROMA_URL only.
         """
         own = None
         if session is None and settings.kb_embedder.startswith("openai:"):
@@ -122,7 +126,7 @@ class KnowledgeBase:
         try:
             embedder = make_embedder(settings.kb_embedder, session=session, backends=backends)
             store = await asyncio.to_thread(ChromaStore.open, settings, embedder.identity,
-                                            check_embedder=check_embedder)
+                                            check_embedder=check_embedder, serve=serve)
         except BaseException:
             if own is not None:
                 await own.close()

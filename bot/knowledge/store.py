@@ -12,10 +12,16 @@ write takes it exclusively, so ``shenron kb add`` beside a running bot is refuse
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -151,27 +157,38 @@ def _client_settings() -> Any:
 class ChromaStore:
     """One collection, opened for one embedder identity."""
 
-    def __init__(self, client: Any, collection: Any, settings: Settings, lock: FolderLock | None) -> None:
+    def __init__(self, client: Any, collection: Any, settings: Settings, lock: FolderLock | None,
+                 child: ChromaProcess | None = None) -> None:
         self.client, self.collection, self.settings, self.lock = client, collection, settings, lock
+        self.child = child
         self.mode = "server" if settings.chroma_url else "embedded"
         self.location = settings.chroma_url or str(settings.chroma_path)
 
     # -- opening --------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, settings: Settings, embedder: str, *, check_embedder: bool = True) -> ChromaStore:
-        lock = None
+    def open(cls, settings: Settings, embedder: str, *, check_embedder: bool = True,
+             serve: bool = False) -> ChromaStore:
+        """``serve``: run the embedded folder in a `chroma run` child process and talk HTTP to it,
+        so that Chroma's writes never pause this process's event loop (for the bot)."""
+        lock = child = None
         try:
             if settings.chroma_url:
                 client = _http_client(settings.chroma_url)
             else:
                 lock = FolderLock.acquire(settings.chroma_path)
-                client = _persistent_client(settings.chroma_path)
+                if serve:
+                    child = ChromaProcess.start(settings.chroma_path)
+                    client = _http_client(child.url)
+                else:
+                    client = _persistent_client(settings.chroma_path)
         except BaseException:
+            if child:
+                child.stop()
             if lock:
                 lock.release()
             raise
-        store = cls(client, None, settings, lock)
+        store = cls(client, None, settings, lock, child)
         try:
             store.collection = store._collection(settings.kb_collection, embedder, check_embedder)
         except BaseException:
@@ -215,6 +232,9 @@ class ChromaStore:
         try:
             self.client.close()
         finally:
+            if self.child is not None:
+                self.child.stop()
+                self.child = None
             if self.lock is not None:
                 self.lock.release()
                 self.lock = None
@@ -301,6 +321,63 @@ class ChromaStore:
     @property
     def _rebuild_name(self) -> str:
         return f"{self.collection.name[:500]}-rebuild"
+
+
+class ChromaProcess:
+    """`chroma run --path FOLDER` on a free loopback port, stopped with its parent."""
+
+    START_TIMEOUT_S = 60.0
+
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+        self.proc, self.url, self.log_path = proc, url, log_path
+
+    @classmethod
+    def start(cls, folder: Path) -> ChromaProcess:
+        exe = Path(sys.executable).parent / ("chroma.exe" if os.name == "nt" else "chroma")
+        if not exe.exists():
+            raise StoreError(f"the chroma command is not installed beside {sys.executable}",
+                             "reinstall chromadb (uv sync), or set CHROMA_URL to a running Chroma server")
+        folder.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        log_path = folder / ".chroma-server.log"
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen([str(exe), "run", "--path", str(folder), "--host", "127.0.0.1", "--port",
+                                     str(port)], stdin=subprocess.DEVNULL, stdout=log_file,
+                                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        child = cls(proc, f"http://127.0.0.1:{port}", log_path)
+        deadline = time.monotonic() + cls.START_TIMEOUT_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"{child.url}/api/v2/heartbeat", timeout=1):
+                    return child
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    child.stop()
+                    tail = log_path.read_text(errors="replace")[-500:].strip()
+                    raise StoreError(f"chroma run on {folder} did not start ({tail or 'no output'})",
+                                     "see that log, or set CHROMA_URL to a running Chroma server") from None
+                time.sleep(0.05)  # polling its heartbeat until it answers
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# Resolved here, not in the forked child, where loading a library could deadlock.
+_prctl = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to end it when the parent dies, even by SIGKILL."""
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _upsert(collection: Any, ids: Sequence[str], vectors: np.ndarray, documents: Sequence[str],
