@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from bot.knowledge import (
     store,
 )
 from bot.knowledge.embedders import encode_minilm, ensure_chroma_model
+from bot.knowledge.store import ChromaProcess
 from tests.factories import make_backend
 from tests.knowledge_corpus import QUESTIONS, UNRELATED, make_pdf, write_corpus
 
@@ -417,30 +417,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`chroma run` from this environment on a free port, ready once its heartbeat answers."""
-    exe = Path(sys.executable).parent / ("chroma.exe" if os.name == "nt" else "chroma")
-    if not exe.exists():
+    """A real `chroma run` from this environment on a free port, ready once its heartbeat answers."""
+    if not (Path(sys.executable).parent / ("chroma.exe" if os.name == "nt" else "chroma")).exists():
         pytest.skip("the chroma CLI is not installed in this environment")
-    folder = tmp_path_factory.mktemp("chroma-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with (folder / "server.log").open("wb") as log:
-        proc = subprocess.Popen([str(exe), "run", "--path", str(folder / "data"), "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"chroma run did not start:\n{(folder / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.05)  # polling the heartbeat, not guessing a start-up time
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    server = ChromaProcess.start(tmp_path_factory.mktemp("chroma-server"))
+    yield server.url
+    server.stop()
 
 
 async def test_server_mode_stores_searches_and_keeps_the_embedder(chroma_server: str, tmp_path: Path,
