@@ -276,6 +276,21 @@ async def test_rebuild_re_embeds_every_chunk_with_the_new_embedder(tmp_path: Pat
         await KnowledgeBase.open(settings_for(tmp_path))
 
 
+async def test_a_failed_rebuild_leaves_the_collection_as_it_was(tmp_path: Path, corpus: Path,
+                                                                embeddings_url: str) -> None:
+    async with await KnowledgeBase.open(settings_for(tmp_path)) as kb:
+        await kb.add_paths([corpus])
+    settings, backends = openai_settings(tmp_path, embeddings_url, model="no-such-model")
+    async with await KnowledgeBase.open(settings, backends=backends, check_embedder=False) as kb:
+        with pytest.raises(EmbedderError):
+            await kb.rebuild()
+        assert [c.name for c in kb.store.client.list_collections()] == ["shenron"]  # no half-built copy
+    async with await KnowledgeBase.open(settings_for(tmp_path)) as kb:
+        assert (await kb.stats()).chunks == 5
+        [top, *_] = await kb.search("How do I swap a dead drive in the storage array?")
+        assert name_and_heading(top) == ("runbook.md", "RAID")
+
+
 async def test_openai_embedder_errors_say_what_to_fix(tmp_path: Path, embeddings_url: str) -> None:
     settings, backends = openai_settings(tmp_path, embeddings_url, model="no-such-model")
     async with await KnowledgeBase.open(settings, backends=backends) as kb:

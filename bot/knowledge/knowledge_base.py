@@ -250,15 +250,19 @@ class KnowledgeBase:
         total = await asyncio.to_thread(self.store.count)
         new = await asyncio.to_thread(self.store.start_rebuild, self.embedder.identity)
         done = 0
-        while (page := await asyncio.to_thread(self.store.page, done, ("documents", "metadatas")))["ids"]:
-            texts = [_stored_chunk(doc, meta).embedding_text(str(meta.get("title", "")))
-                     for doc, meta in zip(page["documents"], page["metadatas"], strict=True)]
-            vectors = await self._embed(texts)
-            await asyncio.to_thread(self.store.add_rows, new, page["ids"], vectors, page["documents"],
-                                    page["metadatas"])
-            done += len(page["ids"])
-            if progress:
-                progress(done, total)
+        try:
+            while (page := await asyncio.to_thread(self.store.page, done, ("documents", "metadatas")))["ids"]:
+                texts = [_stored_chunk(doc, meta).embedding_text(str(meta.get("title", "")))
+                         for doc, meta in zip(page["documents"], page["metadatas"], strict=True)]
+                vectors = await self._embed(texts)
+                await asyncio.to_thread(self.store.add_rows, new, page["ids"], vectors, page["documents"],
+                                        page["metadatas"])
+                done += len(page["ids"])
+                if progress:
+                    progress(done, total)
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(self.store.abandon_rebuild))
+            raise
         await asyncio.to_thread(self.store.finish_rebuild, new)
         return done
 

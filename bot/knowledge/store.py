@@ -294,13 +294,8 @@ class ChromaStore:
 
     def start_rebuild(self, embedder: str) -> Any:
         """A fresh, empty collection for ``embedder`` beside the current one (see finish_rebuild)."""
-        from chromadb.errors import NotFoundError
-
+        self.abandon_rebuild()  # one left by a rebuild that was killed
         with self._writing():
-            try:
-                self.client.delete_collection(self._rebuild_name)  # left by an interrupted rebuild
-            except NotFoundError:
-                pass
             return self.client.create_collection(
                 self._rebuild_name, configuration={"hnsw": dict(HNSW)}, embedding_function=None,
                 metadata={"embedder": embedder, "shenron_schema": SCHEMA})
@@ -309,6 +304,15 @@ class ChromaStore:
                  documents: Sequence[str], metadatas: Sequence[dict[str, Any]]) -> None:
         with self._writing():
             _upsert(collection, ids, vectors, documents, metadatas)
+
+    def abandon_rebuild(self) -> None:
+        from chromadb.errors import NotFoundError
+
+        with self._writing():
+            try:
+                self.client.delete_collection(self._rebuild_name)
+            except NotFoundError:
+                pass
 
     def finish_rebuild(self, new: Any) -> None:
         """The rebuilt collection takes the current one's name; until now the old one was intact."""
