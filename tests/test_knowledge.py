@@ -13,7 +13,9 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -217,6 +219,19 @@ async def test_searches_keep_answering_while_files_are_added(kb: KnowledgeBase, 
 
 # --- embedders -----------------------------------------------------------------------------------
 
+@asynccontextmanager
+async def serving(method: str, path: str, handler: Any) -> AsyncIterator[str]:
+    """One route on a real aiohttp server at 127.0.0.1:<free port>; yields the route's URL."""
+    app = web.Application()
+    app.router.add_route(method, path, handler)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}{path}"
+    finally:
+        await server.close()
+
+
 @pytest_asyncio.fixture
 async def embeddings_url() -> AsyncIterator[str]:
     """An OpenAI-compatible /v1/embeddings that serves MiniLM vectors for model "minilm"."""
@@ -230,12 +245,8 @@ async def embeddings_url() -> AsyncIterator[str]:
         data = [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]
         return web.json_response({"object": "list", "data": data[::-1], "model": EMBED_MODEL})  # any order
 
-    app = web.Application()
-    app.router.add_post("/v1/embeddings", embeddings)
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}/v1"
-    await server.close()
+    async with serving("POST", "/v1/embeddings", embeddings) as url:
+        yield url.removesuffix("/embeddings")
 
 
 def openai_settings(tmp_path: Path, url: str, model: str = EMBED_MODEL) -> tuple[Settings, dict]:
@@ -317,12 +328,8 @@ async def stalling_download() -> AsyncIterator[str]:
             await response.write(b"x")
             await asyncio.sleep(0.1)
 
-    app = web.Application()
-    app.router.add_get("/onnx.tar.gz", trickle)
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}/onnx.tar.gz"
-    await server.close()
+    async with serving("GET", "/onnx.tar.gz", trickle) as url:
+        yield url
 
 
 async def test_chroma_model_download_gives_up_and_names_the_alternatives(tmp_path: Path,
