@@ -520,10 +520,20 @@ async def _open_knowledge(
     from bot.knowledge.knowledge_base import KnowledgeBase as ChromaKnowledgeBase
 
     try:
-        return await ChromaKnowledgeBase.open(settings, session, council.backends), ""
+        # Served by a `chroma run` child: Chroma's writes hold the GIL, and in-process they stall
+        # the gateway heartbeat while documents are added (bench/knowledge.py: lag p99 36 → 4 ms).
+        return await ChromaKnowledgeBase.open(settings, session, council.backends, serve=True), ""
     except ConfigError:
         raise
     except Exception as exc:
+        if settings.chroma_url is None:
+            log.warning("could not serve the knowledge base from a child process (%s); opening it in-process", exc)
+            try:
+                return await ChromaKnowledgeBase.open(settings, session, council.backends), ""
+            except ConfigError:
+                raise
+            except Exception as again:
+                exc = again
         log.error("the knowledge base is unavailable; councils run without it: %s", exc)
         return None, f"unavailable: {exc}"
 

@@ -18,14 +18,19 @@ async def retrieve_context(settings: Settings, council: CouncilConfig, session: 
     """Passages for the question, or [] when the knowledge base is off, empty or unavailable."""
     if not settings.kb_enabled:
         return []
-    try:
-        from bot.knowledge import KnowledgeBase
-    except ImportError:
-        return []
+    from bot.knowledge import KnowledgeBase, KnowledgeError
+
     if settings.chroma_url is None and not settings.chroma_path.exists():
         return []  # nothing was ever added: no need to create an empty store
-    kb = await KnowledgeBase.open(settings, session=session, backends=council.backends)
     try:
-        return await kb.search(question)
-    finally:
-        await kb.close()
+        kb = await KnowledgeBase.open(settings, session=session, backends=council.backends)
+        try:
+            return await kb.search(question)
+        finally:
+            await kb.close()
+    except KnowledgeError as exc:
+        # The council is still worth asking without the documents: say so and go on.
+        log.warning("knowledge base unavailable, asking without it: %s", exc)
+        if console is not None:
+            console.print(f"[yellow]knowledge base unavailable, asking without it:[/] {exc}", highlight=False)
+        return []

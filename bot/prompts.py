@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from bot.config import Fighter, Synthesizer
 from bot.events import FighterAnswer, Passage, Turn
 
-_DELIMITER_TAG = re.compile(r"<(/?)\s*(documents?|answers?|council_answers|reference)\b", re.IGNORECASE)
+_DELIMITER_TAG = re.compile(r"<\s*(/?)\s*(documents?|answers?|council_answers|reference)\b", re.IGNORECASE)
 
 COUNCIL_RULES = (
     "You are one member of a council of experts answering the same question side by side. "

@@ -90,3 +90,19 @@ def test_configuration_mistakes_exit_2_with_one_line(args, files, expected, tmp_
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_an_unreachable_knowledge_base_does_not_stop_the_council(fake, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / ".env").write_text(f"LLM_BASE_URL={fake.url}\nCHROMA_URL=http://127.0.0.1:{port}\n")
+    os.chmod(tmp_path / ".env", 0o600)
+    proc = shenron("ask", "q", "--json", "--fighters", "GOKU", env={"SHENRON_COUNCIL": str(REPO / "council.toml")},
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["synthesis"]["ok"]
+    assert "knowledge base unavailable, asking without it" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -15,7 +15,6 @@ from bot.knowledge import KnowledgeBase
 from tests.discord_fixtures import Scene
 from tests.knowledge_corpus import RUNBOOK
 
-pytest_plugins = ["tests.discord_fixtures"]
 
 
 @pytest_asyncio.fixture
