@@ -47,8 +47,7 @@ class ServerProc:
 @contextmanager
 def fake_server(impl: str = "fast", models: Sequence[str] = ()) -> Iterator[ServerProc]:
     """Start bench/fake_server_process.py in a separate process; stop it on exit."""
-    cmd = [sys.executable, str(BENCH_DIR / "fake_server_process.py"), "--impl", impl,
-           "--models", ",".join(models)]
+    cmd = [sys.executable, str(BENCH_DIR / "fake_server_process.py"), "--impl", impl, "--models", ",".join(models)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
     try:
         assert proc.stdout is not None

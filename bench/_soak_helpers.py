@@ -41,8 +41,21 @@ INTERVAL = 0.02
 RETRY_AFTER = 0.05  # Retry-After on the 429/503 that clears after one refusal
 FAULT_AFTER = 2  # drop / stream error / malformed frame / stall after this many content chunks
 REASONING = "weighing the options"  # 3 chunks of <think> reasoning for the "think" kind
-_POOL = ("shard ", "later ", "because ", "the ", "load ", "is ", "still ", "modest ", "and ", "growing ",
-         "slowly ", "so ", "wait ")
+_POOL = (
+    "shard ",
+    "later ",
+    "because ",
+    "the ",
+    "load ",
+    "is ",
+    "still ",
+    "modest ",
+    "and ",
+    "growing ",
+    "slowly ",
+    "so ",
+    "wait ",
+)
 
 # Normal answers and oddities the client must absorb (the fighter still answers).
 BENIGN = ("normal", "think", "no_done", "close", "r429", "r503")
@@ -135,8 +148,13 @@ class SoakLLM(FakeLLM):
         return super()._resolve(model)
 
     def counters(self) -> dict[str, Any]:
-        out = {"in_flight": self.in_flight, "active": self.active, "open_connections": self.open_connections,
-               "requests_since_last": len(self.requests), "models_scripted": len(self._scripts)}
+        out = {
+            "in_flight": self.in_flight,
+            "active": self.active,
+            "open_connections": self.open_connections,
+            "requests_since_last": len(self.requests),
+            "models_scripted": len(self._scripts),
+        }
         self.reset_stats()  # forget the recorded requests: they would only grow the server's memory
         return out
 
@@ -192,8 +210,14 @@ class SoakServer:
 def soak_server() -> Iterator[SoakServer]:
     """Start ``SoakLLM`` in its own process (own CPU, own fds, own memory); stop it on exit."""
     with tempfile.TemporaryFile("w+", prefix="soak-server-stderr") as err:
-        proc = subprocess.Popen([sys.executable, __file__, "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=err, cwd=ROOT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            cwd=ROOT,
+            text=True,
+        )
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()

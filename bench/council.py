@@ -81,16 +81,29 @@ def critical_path(fighters: Sequence[str], synth: str) -> float:
 
 
 def make_council(url: str, fighters: Sequence[str], synth: str) -> CouncilConfig:
-    backend = Backend(name="fake", base_url=url, max_concurrency=2000, connect_timeout_s=30.0,
-                      first_token_timeout_s=60.0, total_timeout_s=120.0)
+    backend = Backend(
+        name="fake",
+        base_url=url,
+        max_concurrency=2000,
+        connect_timeout_s=30.0,
+        first_token_timeout_s=60.0,
+        total_timeout_s=120.0,
+    )
     roster = tuple(
-        Fighter(name=NAMES[i % len(NAMES)] + ("" if i < len(NAMES) else str(i)), emoji="*", role=f"role {i}",
-                persona=f"You are fighter {i}.", model=m, backend="fake")
-        for i, m in enumerate(fighters))
-    synthesizer = Synthesizer(name="SHENRON", emoji="*", model=synth, backend="fake",
-                              prompt="Combine the council's answers.")
-    return CouncilConfig(backends={"fake": backend}, fighters=roster, synthesizer=synthesizer,
-                         round_deadline_s=180.0)
+        Fighter(
+            name=NAMES[i % len(NAMES)] + ("" if i < len(NAMES) else str(i)),
+            emoji="*",
+            role=f"role {i}",
+            persona=f"You are fighter {i}.",
+            model=m,
+            backend="fake",
+        )
+        for i, m in enumerate(fighters)
+    )
+    synthesizer = Synthesizer(
+        name="SHENRON", emoji="*", model=synth, backend="fake", prompt="Combine the council's answers."
+    )
+    return CouncilConfig(backends={"fake": backend}, fighters=roster, synthesizer=synthesizer, round_deadline_s=180.0)
 
 
 class LagMeter:
@@ -123,8 +136,12 @@ class LagMeter:
         lo = -1e9 if since is None else since
         hi = 1e9 if until is None else until
         ms = [lag * 1000 for end, lag in self.samples if lo <= end - self.t0 < hi]
-        return {"samples": len(ms), "p50_ms": common.percentile(ms, 0.5), "p99_ms": common.percentile(ms, 0.99),
-                "max_ms": max(ms, default=0.0)}
+        return {
+            "samples": len(ms),
+            "p50_ms": common.percentile(ms, 0.5),
+            "p99_ms": common.percentile(ms, 0.99),
+            "max_ms": max(ms, default=0.0),
+        }
 
 
 def _round(x: Any, nd: int = 4) -> Any:
@@ -136,14 +153,30 @@ def _round(x: Any, nd: int = 4) -> Any:
 
 def _timeline(r: CouncilResult) -> dict[str, Any]:
     return {
-        "fighters": {a.fighter: {"model": a.model, "ok": a.ok, "first_token_s": _round(a.first_token_s),
-                                 "last_token_s": _round(a.last_token_s), "elapsed_s": _round(a.elapsed_s),
-                                 "tokens": a.tokens} for a in r.answers},
-        "synthesis": {"ok": r.synthesis.ok, "first_token_s": _round(r.synthesis.first_token_s),
-                      "last_token_s": _round(r.synthesis.last_token_s), "elapsed_s": _round(r.synthesis.elapsed_s),
-                      "tokens": r.synthesis.tokens},
-        "stats": {"wall_s": _round(r.stats.wall_s), "overlap": _round(r.stats.overlap),
-                  "first_answer_s": _round(r.stats.first_answer_s), "tokens": r.stats.tokens},
+        "fighters": {
+            a.fighter: {
+                "model": a.model,
+                "ok": a.ok,
+                "first_token_s": _round(a.first_token_s),
+                "last_token_s": _round(a.last_token_s),
+                "elapsed_s": _round(a.elapsed_s),
+                "tokens": a.tokens,
+            }
+            for a in r.answers
+        },
+        "synthesis": {
+            "ok": r.synthesis.ok,
+            "first_token_s": _round(r.synthesis.first_token_s),
+            "last_token_s": _round(r.synthesis.last_token_s),
+            "elapsed_s": _round(r.synthesis.elapsed_s),
+            "tokens": r.synthesis.tokens,
+        },
+        "stats": {
+            "wall_s": _round(r.stats.wall_s),
+            "overlap": _round(r.stats.overlap),
+            "first_answer_s": _round(r.stats.first_answer_s),
+            "tokens": r.stats.tokens,
+        },
     }
 
 
@@ -160,19 +193,29 @@ async def single_council(url: str, repeats: int) -> dict[str, Any]:
             result = await collect(engine.run(QUESTION))
             wall = time.perf_counter() - t0
             slowest = max(result.answers, key=lambda a: a.elapsed_s)
-            runs.append({
-                "wall_s": wall, "ratio": wall / cp, "client_cpu_s": common.self_cpu_s() - cpu0,
-                "ok": result.stats.fighters_ok == len(SPREAD_FIGHTERS) and result.synthesis.ok,
-                # where the excess over the critical path sits: after the slowest fighter's scripted end,
-                # and after the synthesis's scripted duration
-                "slowest_fighter_done_s": slowest.elapsed_s,
-                "synthesis_first_token_s": result.synthesis.first_token_s,
-                "timeline": _timeline(result),
-            })
+            runs.append(
+                {
+                    "wall_s": wall,
+                    "ratio": wall / cp,
+                    "client_cpu_s": common.self_cpu_s() - cpu0,
+                    "ok": result.stats.fighters_ok == len(SPREAD_FIGHTERS) and result.synthesis.ok,
+                    # where the excess over the critical path sits: after the slowest fighter's scripted end,
+                    # and after the synthesis's scripted duration
+                    "slowest_fighter_done_s": slowest.elapsed_s,
+                    "synthesis_first_token_s": result.synthesis.first_token_s,
+                    "timeline": _timeline(result),
+                }
+            )
     ratios = [r["ratio"] for r in runs]
-    return {"critical_path_s": cp, "repeats": repeats, "median_wall_s": common.median([r["wall_s"] for r in runs]),
-            "median_ratio": common.median(ratios), "max_ratio": max(ratios), "all_ok": all(r["ok"] for r in runs),
-            "runs": runs}
+    return {
+        "critical_path_s": cp,
+        "repeats": repeats,
+        "median_wall_s": common.median([r["wall_s"] for r in runs]),
+        "median_ratio": common.median(ratios),
+        "max_ratio": max(ratios),
+        "all_ok": all(r["ok"] for r in runs),
+        "runs": runs,
+    }
 
 
 # --- 2. sequential and thread pool --------------------------------------------------------------
@@ -200,12 +243,22 @@ async def sequential_council(url: str, repeats: int) -> dict[str, Any]:
             for f in council.fighters:  # one after another
                 answers.append(await _drain(client, f.model, fighter_messages(f, QUESTION, (), ()), f.max_tokens))
             synth = council.synthesizer
-            await _drain(client, synth.model, [{"role": "system", "content": synth.prompt},
-                                               {"role": "user", "content": "\n\n".join(answers)}], synth.max_tokens)
+            await _drain(
+                client,
+                synth.model,
+                [{"role": "system", "content": synth.prompt}, {"role": "user", "content": "\n\n".join(answers)}],
+                synth.max_tokens,
+            )
             walls.append(time.perf_counter() - t0)
     sum_path = sum(scripted(m) for m in SPREAD_FIGHTERS) + scripted(SYNTH_MODEL)
-    return {"critical_path_s": cp, "sum_of_durations_s": sum_path, "repeats": repeats,
-            "median_wall_s": common.median(walls), "median_ratio": common.median(walls) / cp, "walls_s": walls}
+    return {
+        "critical_path_s": cp,
+        "sum_of_durations_s": sum_path,
+        "repeats": repeats,
+        "median_wall_s": common.median(walls),
+        "median_ratio": common.median(walls) / cp,
+        "walls_s": walls,
+    }
 
 
 def _blocking_stream(port: int, model: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
@@ -213,10 +266,21 @@ def _blocking_stream(port: int, model: str, messages: list[dict[str, str]], max_
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
-        body = json.dumps({"model": model, "messages": messages, "stream": True, "max_tokens": max_tokens,
-                           "stream_options": {"include_usage": True}}).encode()
-        conn.request("POST", "/v1/chat/completions", body=body,
-                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+        body = json.dumps(
+            {
+                "model": model,
+                "messages": messages,
+                "stream": True,
+                "max_tokens": max_tokens,
+                "stream_options": {"include_usage": True},
+            }
+        ).encode()
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=body,
+            headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+        )
         resp = conn.getresponse()
         if resp.status != 200:
             raise RuntimeError(f"{model}: HTTP {resp.status}")
@@ -237,8 +301,13 @@ def _blocking_stream(port: int, model: str, messages: list[dict[str, str]], max_
                     first = now if first is None else first
                     last = now
                     parts.append(text)
-        return {"text": "".join(parts), "tokens": len(parts), "first_token_s": first, "last_token_s": last,
-                "start_s": t0}
+        return {
+            "text": "".join(parts),
+            "tokens": len(parts),
+            "first_token_s": first,
+            "last_token_s": last,
+            "start_s": t0,
+        }
     finally:
         conn.close()
 
@@ -248,35 +317,66 @@ def threadpool_council(port: int, url: str, repeats: int) -> dict[str, Any]:
     cp = critical_path(SPREAD_FIGHTERS, SYNTH_MODEL)
     runs = []
     with ThreadPoolExecutor(max_workers=len(council.fighters), thread_name_prefix="fighter") as pool:
-        list(pool.map(lambda _: _blocking_stream(port, SYNTH_MODEL, [{"role": "user", "content": "warm-up"}], 50),
-                      range(len(council.fighters))))  # threads started before the clock runs
+        list(
+            pool.map(
+                lambda _: _blocking_stream(port, SYNTH_MODEL, [{"role": "user", "content": "warm-up"}], 50),
+                range(len(council.fighters)),
+            )
+        )  # threads started before the clock runs
         for _ in range(repeats):
             cpu0 = common.self_cpu_s()
             t0 = time.perf_counter()
-            futures = [pool.submit(_blocking_stream, port, f.model, fighter_messages(f, QUESTION, (), ()),
-                                   f.max_tokens) for f in council.fighters]
+            futures = [
+                pool.submit(_blocking_stream, port, f.model, fighter_messages(f, QUESTION, (), ()), f.max_tokens)
+                for f in council.fighters
+            ]
             answers = [fut.result() for fut in futures]
             t_fighters = time.perf_counter() - t0
             synth = council.synthesizer
-            _blocking_stream(port, synth.model, [{"role": "system", "content": synth.prompt},
-                                                 {"role": "user", "content": "\n\n".join(a["text"] for a in answers)}],
-                             synth.max_tokens)
+            _blocking_stream(
+                port,
+                synth.model,
+                [
+                    {"role": "system", "content": synth.prompt},
+                    {"role": "user", "content": "\n\n".join(a["text"] for a in answers)},
+                ],
+                synth.max_tokens,
+            )
             wall = time.perf_counter() - t0
-            intervals = [(a["start_s"] - t0 + a["first_token_s"], a["start_s"] - t0 + a["last_token_s"])
-                         for a in answers]
+            intervals = [
+                (a["start_s"] - t0 + a["first_token_s"], a["start_s"] - t0 + a["last_token_s"]) for a in answers
+            ]
             from bot.council import overlap
 
-            runs.append({"wall_s": wall, "ratio": wall / cp, "fighters_done_s": t_fighters,
-                         "overlap": overlap(intervals), "client_cpu_s": common.self_cpu_s() - cpu0})
-    return {"critical_path_s": cp, "repeats": repeats, "median_wall_s": common.median([r["wall_s"] for r in runs]),
-            "median_ratio": common.median([r["ratio"] for r in runs]), "runs": runs}
+            runs.append(
+                {
+                    "wall_s": wall,
+                    "ratio": wall / cp,
+                    "fighters_done_s": t_fighters,
+                    "overlap": overlap(intervals),
+                    "client_cpu_s": common.self_cpu_s() - cpu0,
+                }
+            )
+    return {
+        "critical_path_s": cp,
+        "repeats": repeats,
+        "median_wall_s": common.median([r["wall_s"] for r in runs]),
+        "median_ratio": common.median([r["ratio"] for r in runs]),
+        "runs": runs,
+    }
 
 
 # --- 3. load ----------------------------------------------------------------------------------
 
 
-async def _load_round(engine: CouncilEngine, server: common.ServerProc, n_councils: int, n_fighters: int,
-                      cp: float, profile: cProfile.Profile | None) -> dict[str, Any]:
+async def _load_round(
+    engine: CouncilEngine,
+    server: common.ServerProc,
+    n_councils: int,
+    n_fighters: int,
+    cp: float,
+    profile: cProfile.Profile | None,
+) -> dict[str, Any]:
     """Launch n_councils at once on this engine (one session) and measure until the last one ends."""
     await asyncio.sleep(0.1)
     server.stats(reset=True)
@@ -324,32 +424,46 @@ async def _load_round(engine: CouncilEngine, server: common.ServerProc, n_counci
         return {"first": xs[0] if xs else None, "p50": common.median(xs), "last": xs[-1] if xs else None}
 
     return {
-        "councils": n_councils, "streams": n_councils * (n_fighters + 1),
-        "critical_path_s": cp, "wall_s": wall, "ratio": wall / cp,
+        "councils": n_councils,
+        "streams": n_councils * (n_fighters + 1),
+        "critical_path_s": cp,
+        "wall_s": wall,
+        "ratio": wall / cp,
         "per_council_ratio": {"median": common.median(per_council), "max": max(per_council)},
-        "fighters_ok": sum(r.stats.fighters_ok for r in results), "fighters_total": n_councils * n_fighters,
+        "fighters_ok": sum(r.stats.fighters_ok for r in results),
+        "fighters_total": n_councils * n_fighters,
         "synthesis_ok": sum(r.synthesis.ok for r in results),
-        "tokens": tokens, "tokens_per_s": tokens / wall,
-        "client_cpu_s": cpu, "client_cpu_utilisation": cpu / wall, "cpu_s_per_1000_tokens": cpu / tokens * 1000,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "client_cpu_s": cpu,
+        "client_cpu_utilisation": cpu / wall,
+        "cpu_s_per_1000_tokens": cpu / tokens * 1000,
         "loop_lag": lag.summary(),
         # the launch burst (until the last fighter request reached the server) vs. the streaming after it
         "loop_lag_launch": lag.summary(until=launched),
         "loop_lag_streaming": lag.summary(since=launched),
-        "rss_before_mb": rss0, "rss_after_mb": rss1, "peak_rss_mb": common.peak_rss_mb(),
+        "rss_before_mb": rss0,
+        "rss_after_mb": rss1,
+        "peak_rss_mb": common.peak_rss_mb(),
         "server": {"impl": server.impl, "cpu_s": s_cpu, "cpu_utilisation": s_cpu / wall, "stats": sstats},
-        "other_processes_cpu_s": other_cpu, "other_processes_cpu_utilisation": other_cpu / wall,
+        "other_processes_cpu_s": other_cpu,
+        "other_processes_cpu_utilisation": other_cpu / wall,
         # when the server received the requests, seconds after the councils were launched
         "fighter_request_arrival_s": spread(fighter_arrivals),
         "synthesis_request_arrival_s": spread(synth_arrivals),
-        "fighter_first_token_s": {"p50": common.median(fighter_first), "p99": common.percentile(fighter_first, 0.99),
-                                  "max": max(fighter_first, default=0.0)},
+        "fighter_first_token_s": {
+            "p50": common.median(fighter_first),
+            "p99": common.percentile(fighter_first, 0.99),
+            "max": max(fighter_first, default=0.0),
+        },
         "fighter_done_s": {"p50": common.median(fighter_done), "max": max(fighter_done, default=0.0)},
         "synthesis_done_s": {"p50": common.median(synth_done), "max": max(synth_done, default=0.0)},
     }
 
 
-async def load(server: common.ServerProc, n_councils: int, profile: cProfile.Profile | None,
-               warm_round: bool = True) -> dict[str, Any]:
+async def load(
+    server: common.ServerProc, n_councils: int, profile: cProfile.Profile | None, warm_round: bool = True
+) -> dict[str, Any]:
     """One repetition: a fresh session; a cold round (every connection new), then a warm one (pooled)."""
     fighters = (LOAD_FIGHTER,) * 6
     council = make_council(server.url, fighters, SYNTH_MODEL)
@@ -365,8 +479,13 @@ async def load(server: common.ServerProc, n_councils: int, profile: cProfile.Pro
             background = await asyncio.to_thread(common.wait_quiet)
             warm = await _load_round(engine, server, n_councils, len(fighters), cp, None)
             warm["background_cores_before"] = background
-    return {"fighter_model": LOAD_FIGHTER, "synth_model": SYNTH_MODEL,
-            "frames": "1 token per SSE frame (no server-side batching)", "cold": cold, "warm_pool": warm}
+    return {
+        "fighter_model": LOAD_FIGHTER,
+        "synth_model": SYNTH_MODEL,
+        "frames": "1 token per SSE frame (no server-side batching)",
+        "cold": cold,
+        "warm_pool": warm,
+    }
 
 
 # --- 4. cancellation leaks ----------------------------------------------------------------------
@@ -376,8 +495,13 @@ def _snapshot(session: Any, port: int) -> dict[str, int]:
     conn = session.connector
     acquired = len(getattr(conn, "_acquired", ()))
     idle = sum(len(v) for v in getattr(conn, "_conns", {}).values())
-    return {"tasks": len(asyncio.all_tasks()), "connections_in_use": acquired, "connections_idle_pooled": idle,
-            "tcp_established_to_server": common.tcp_connections_to(port), **common.fd_counts()}
+    return {
+        "tasks": len(asyncio.all_tasks()),
+        "connections_in_use": acquired,
+        "connections_idle_pooled": idle,
+        "tcp_established_to_server": common.tcp_connections_to(port),
+        **common.fd_counts(),
+    }
 
 
 async def cancellations(server: common.ServerProc, n_councils: int, batch: int, seed: int = 7) -> dict[str, Any]:
@@ -442,10 +566,19 @@ async def cancellations(server: common.ServerProc, n_councils: int, batch: int, 
         server_after = server.stats()
     growth = {k: after[k] - before[k] for k in before}
     leak_keys = ("tasks", "connections_in_use", "tcp_established_to_server", "sockets", "fds")
-    return {"councils": n_councils, "batch": batch, "wall_s": wall, "outcomes": outcomes, "before": before,
-            "after_one_tick": after, "after_0_5_s": after_settled, "growth_after_one_tick": growth,
-            "no_growth": all(growth[k] <= 0 for k in leak_keys),
-            "server_before": server_before, "server_after": server_after}
+    return {
+        "councils": n_councils,
+        "batch": batch,
+        "wall_s": wall,
+        "outcomes": outcomes,
+        "before": before,
+        "after_one_tick": after,
+        "after_0_5_s": after_settled,
+        "growth_after_one_tick": growth,
+        "no_growth": all(growth[k] <= 0 for k in leak_keys),
+        "server_before": server_before,
+        "server_after": server_after,
+    }
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -458,8 +591,12 @@ def verdict(ok: bool) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description="Council benchmark (see the module docstring).")
     ap.add_argument("--quick", action="store_true", help="fewer repeats, 50 councils under load, 100 cancelled-run")
-    ap.add_argument("--impl", choices=("fast", "fakellm"), default="fast",
-                    help="fake server: 'fast' (absolute-time frames) or the project's FakeLLM")
+    ap.add_argument(
+        "--impl",
+        choices=("fast", "fakellm"),
+        default="fast",
+        help="fake server: 'fast' (absolute-time frames) or the project's FakeLLM",
+    )
     ap.add_argument("--councils", type=int, default=None, help="councils in the load test (default 200)")
     ap.add_argument("--only", default="1234", help="which scenarios to run, e.g. 13")
     ap.add_argument("--profile", action="store_true", help="cProfile the load test's client (slows it down)")
@@ -472,7 +609,8 @@ def main() -> None:
     models = sorted({*SPREAD_FIGHTERS, SYNTH_MODEL, LOAD_FIGHTER})
     out: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "args": vars(args), "server_impl": args.impl,
+        "args": vars(args),
+        "server_impl": args.impl,
     }
     rows: list[list[Any]] = []
     t_start = time.perf_counter()
@@ -481,31 +619,60 @@ def main() -> None:
         if "1" in args.only:
             s1 = asyncio.run(single_council(server.url, repeats))
             out["single"] = s1
-            rows.append(["1 one council (6 fighters 1.0-2.0 s + synth 0.5 s)", "wall / critical path (median)",
-                         f"{s1['median_ratio']:.3f} ({s1['median_wall_s']:.3f} s / {s1['critical_path_s']:.1f} s)",
-                         f"<= {TARGET_SINGLE}", verdict(s1["median_ratio"] <= TARGET_SINGLE and s1["all_ok"])])
+            rows.append(
+                [
+                    "1 one council (6 fighters 1.0-2.0 s + synth 0.5 s)",
+                    "wall / critical path (median)",
+                    f"{s1['median_ratio']:.3f} ({s1['median_wall_s']:.3f} s / {s1['critical_path_s']:.1f} s)",
+                    f"<= {TARGET_SINGLE}",
+                    verdict(s1["median_ratio"] <= TARGET_SINGLE and s1["all_ok"]),
+                ]
+            )
         if "2" in args.only:
             seq = asyncio.run(sequential_council(server.url, 1 if args.quick else 2))
             thr = threadpool_council(server.port, server.url, repeats)
             out["sequential"], out["threadpool"] = seq, thr
             if "single" in out:
                 s1 = out["single"]
-                rows.append(["2 asyncio engine", "wall, wall / critical path",
-                             f"{s1['median_wall_s']:.3f} s, {s1['median_ratio']:.3f}", "~1", "-"])
-            rows.append(["2 sequential awaits", "wall, wall / critical path",
-                         f"{seq['median_wall_s']:.3f} s, {seq['median_ratio']:.3f}",
-                         f"~sum {seq['sum_of_durations_s'] / seq['critical_path_s']:.2f} (no overlap)", "-"])
-            rows.append(["2 ThreadPoolExecutor + http.client", "wall, wall / critical path",
-                         f"{thr['median_wall_s']:.3f} s, {thr['median_ratio']:.3f}", "~1 (threads overlap)",
-                         verdict(thr["median_ratio"] <= 1.10)])
+                rows.append(
+                    [
+                        "2 asyncio engine",
+                        "wall, wall / critical path",
+                        f"{s1['median_wall_s']:.3f} s, {s1['median_ratio']:.3f}",
+                        "~1",
+                        "-",
+                    ]
+                )
+            rows.append(
+                [
+                    "2 sequential awaits",
+                    "wall, wall / critical path",
+                    f"{seq['median_wall_s']:.3f} s, {seq['median_ratio']:.3f}",
+                    f"~sum {seq['sum_of_durations_s'] / seq['critical_path_s']:.2f} (no overlap)",
+                    "-",
+                ]
+            )
+            rows.append(
+                [
+                    "2 ThreadPoolExecutor + http.client",
+                    "wall, wall / critical path",
+                    f"{thr['median_wall_s']:.3f} s, {thr['median_ratio']:.3f}",
+                    "~1 (threads overlap)",
+                    verdict(thr["median_ratio"] <= 1.10),
+                ]
+            )
         if "3" in args.only:
             prof = cProfile.Profile() if args.profile else None
             reps3 = [asyncio.run(load(server, n_load, prof if i == 0 else None)) for i in range(load_reps)]
             order = sorted(range(load_reps), key=lambda i: reps3[i]["cold"]["ratio"])
             pick = order[len(order) // 2]
-            out["load"] = {"repeats": load_reps, "median_repeat": pick, "runs": reps3,
-                           "cold_ratios": [r["cold"]["ratio"] for r in reps3],
-                           "warm_ratios": [r["warm_pool"]["ratio"] for r in reps3]}
+            out["load"] = {
+                "repeats": load_reps,
+                "median_repeat": pick,
+                "runs": reps3,
+                "cold_ratios": [r["cold"]["ratio"] for r in reps3],
+                "warm_ratios": [r["warm_pool"]["ratio"] for r in reps3],
+            }
             if prof is not None:
                 buf = io.StringIO()
                 pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(45)
@@ -517,42 +684,103 @@ def main() -> None:
                 out["load"]["profile_file"] = str(path)
             s3, w3 = reps3[pick]["cold"], reps3[pick]["warm_pool"]
             label = f"3 load: {n_load} councils, {s3['streams']} streams @40 tok/s, 1 token/frame"
-            failed = sum(r[k]["fighters_total"] - r[k]["fighters_ok"] + n_load - r[k]["synthesis_ok"]
-                         for r in reps3 for k in ("cold", "warm_pool"))
-            rows.append([label, f"wall / critical path (median of {load_reps}, new connections)",
-                         f"{s3['ratio']:.3f} ({s3['wall_s']:.2f} s / {s3['critical_path_s']:.1f} s); all: "
-                         + ", ".join(f"{x:.2f}" for x in out["load"]["cold_ratios"]),
-                         f"<= {TARGET_LOAD_RATIO}", verdict(s3["ratio"] <= TARGET_LOAD_RATIO and failed == 0)])
-            rows.append(["", "  same, 2nd round on pooled connections",
-                         f"{w3['ratio']:.3f}; all: " + ", ".join(f"{x:.2f}" for x in out["load"]["warm_ratios"]),
-                         "-", "-"])
+            failed = sum(
+                r[k]["fighters_total"] - r[k]["fighters_ok"] + n_load - r[k]["synthesis_ok"]
+                for r in reps3
+                for k in ("cold", "warm_pool")
+            )
+            rows.append(
+                [
+                    label,
+                    f"wall / critical path (median of {load_reps}, new connections)",
+                    f"{s3['ratio']:.3f} ({s3['wall_s']:.2f} s / {s3['critical_path_s']:.1f} s); all: "
+                    + ", ".join(f"{x:.2f}" for x in out["load"]["cold_ratios"]),
+                    f"<= {TARGET_LOAD_RATIO}",
+                    verdict(s3["ratio"] <= TARGET_LOAD_RATIO and failed == 0),
+                ]
+            )
+            rows.append(
+                [
+                    "",
+                    "  same, 2nd round on pooled connections",
+                    f"{w3['ratio']:.3f}; all: " + ", ".join(f"{x:.2f}" for x in out["load"]["warm_ratios"]),
+                    "-",
+                    "-",
+                ]
+            )
             arr = s3["fighter_request_arrival_s"]
             if arr["last"] is not None:  # the fast server stamps arrivals; FakeLLM does not
-                rows.append(["", "  launch: fighter requests reached server (p50, last)",
-                             f"{arr['p50']:.2f} s, {arr['last']:.2f} s after launch (pooled: "
-                             f"{w3['fighter_request_arrival_s']['last']:.2f} s)", "-", "-"])
-            rows.append(["", "event-loop lag p99 (p50, max)",
-                         f"{s3['loop_lag']['p99_ms']:.0f} ms ({s3['loop_lag']['p50_ms']:.1f}, "
-                         f"{s3['loop_lag']['max_ms']:.0f})", f"<= {TARGET_LAG_P99_MS:g} ms",
-                         verdict(s3["loop_lag"]["p99_ms"] <= TARGET_LAG_P99_MS)])
-            rows.append(["", "  lag p99 during launch / while streaming",
-                         f"{s3['loop_lag_launch']['p99_ms']:.0f} ms / {s3['loop_lag_streaming']['p99_ms']:.0f} ms "
-                         f"(pooled: {w3['loop_lag_launch']['p99_ms']:.0f} / {w3['loop_lag_streaming']['p99_ms']:.0f})",
-                         "-", "-"])
-            rows.append(["", "client CPU s per 1,000 tokens",
-                         f"{s3['cpu_s_per_1000_tokens']:.3f} ({s3['client_cpu_s']:.2f} s for {s3['tokens']} tokens;"
-                         f" {s3['client_cpu_utilisation']:.0%} of a core)", "report", "-"])
+                rows.append(
+                    [
+                        "",
+                        "  launch: fighter requests reached server (p50, last)",
+                        f"{arr['p50']:.2f} s, {arr['last']:.2f} s after launch (pooled: "
+                        f"{w3['fighter_request_arrival_s']['last']:.2f} s)",
+                        "-",
+                        "-",
+                    ]
+                )
+            rows.append(
+                [
+                    "",
+                    "event-loop lag p99 (p50, max)",
+                    f"{s3['loop_lag']['p99_ms']:.0f} ms ({s3['loop_lag']['p50_ms']:.1f}, "
+                    f"{s3['loop_lag']['max_ms']:.0f})",
+                    f"<= {TARGET_LAG_P99_MS:g} ms",
+                    verdict(s3["loop_lag"]["p99_ms"] <= TARGET_LAG_P99_MS),
+                ]
+            )
+            rows.append(
+                [
+                    "",
+                    "  lag p99 during launch / while streaming",
+                    f"{s3['loop_lag_launch']['p99_ms']:.0f} ms / {s3['loop_lag_streaming']['p99_ms']:.0f} ms "
+                    f"(pooled: {w3['loop_lag_launch']['p99_ms']:.0f} / {w3['loop_lag_streaming']['p99_ms']:.0f})",
+                    "-",
+                    "-",
+                ]
+            )
+            rows.append(
+                [
+                    "",
+                    "client CPU s per 1,000 tokens",
+                    f"{s3['cpu_s_per_1000_tokens']:.3f} ({s3['client_cpu_s']:.2f} s for {s3['tokens']} tokens;"
+                    f" {s3['client_cpu_utilisation']:.0%} of a core)",
+                    "report",
+                    "-",
+                ]
+            )
             peak = max(r[k]["peak_rss_mb"] for r in reps3 for k in ("cold", "warm_pool"))
-            rows.append(["", "peak RSS (client process)", f"{peak:.0f} MB", f"<= {TARGET_RSS_MB:g} MB",
-                         verdict(peak <= TARGET_RSS_MB)])
+            rows.append(
+                [
+                    "",
+                    "peak RSS (client process)",
+                    f"{peak:.0f} MB",
+                    f"<= {TARGET_RSS_MB:g} MB",
+                    verdict(peak <= TARGET_RSS_MB),
+                ]
+            )
             srv = s3["server"]
             late = (srv["stats"] or {}).get("lateness_ms", {})
-            rows.append(["", "fake server CPU (its own process)",
-                         f"{srv['cpu_utilisation']:.0%} of a core" + (
-                             f"; frames late p50 {late['p50']:.1f} ms, p99 {late['p99']:.0f} ms" if late else ""),
-                         "< 100% (keeps up)", verdict(srv["cpu_utilisation"] < 0.95)])
-            rows.append(["", "other processes' CPU during the round", f"{s3['other_processes_cpu_utilisation']:.2f} "
-                         f"cores (before: {s3['background_cores_before']:.2f})", "~0 (quiet machine)", "-"])
+            rows.append(
+                [
+                    "",
+                    "fake server CPU (its own process)",
+                    f"{srv['cpu_utilisation']:.0%} of a core"
+                    + (f"; frames late p50 {late['p50']:.1f} ms, p99 {late['p99']:.0f} ms" if late else ""),
+                    "< 100% (keeps up)",
+                    verdict(srv["cpu_utilisation"] < 0.95),
+                ]
+            )
+            rows.append(
+                [
+                    "",
+                    "other processes' CPU during the round",
+                    f"{s3['other_processes_cpu_utilisation']:.2f} cores (before: {s3['background_cores_before']:.2f})",
+                    "~0 (quiet machine)",
+                    "-",
+                ]
+            )
             rows.append(["", "failed fighters / syntheses (all rounds)", f"{failed}", "0", verdict(failed == 0)])
             if not args.quick:  # where does one event loop stop keeping up?
                 sweep = []
@@ -560,14 +788,21 @@ def main() -> None:
                     c = asyncio.run(load(server, n, None, warm_round=False))["cold"]
                     sweep.append(c)
                     bad = c["fighters_total"] - c["fighters_ok"] + n - c["synthesis_ok"]
-                    rows.append(["3b capacity sweep" if n == SWEEP[0] else "",
-                                 f"{n} councils ({c['streams']} streams): ratio, lag p99 all/streaming, CPU",
-                                 f"{c['ratio']:.3f}, {c['loop_lag']['p99_ms']:.0f} / "
-                                 f"{c['loop_lag_streaming']['p99_ms']:.0f} ms, {c['client_cpu_utilisation']:.0%} "
-                                 f"of a core" + (f", {bad} failed" if bad else ""),
-                                 f"<= {TARGET_LOAD_RATIO}, <= {TARGET_LAG_P99_MS:g} ms",
-                                 verdict(c["ratio"] <= TARGET_LOAD_RATIO and not bad
-                                         and c["loop_lag"]["p99_ms"] <= TARGET_LAG_P99_MS)])
+                    rows.append(
+                        [
+                            "3b capacity sweep" if n == SWEEP[0] else "",
+                            f"{n} councils ({c['streams']} streams): ratio, lag p99 all/streaming, CPU",
+                            f"{c['ratio']:.3f}, {c['loop_lag']['p99_ms']:.0f} / "
+                            f"{c['loop_lag_streaming']['p99_ms']:.0f} ms, {c['client_cpu_utilisation']:.0%} "
+                            f"of a core" + (f", {bad} failed" if bad else ""),
+                            f"<= {TARGET_LOAD_RATIO}, <= {TARGET_LAG_P99_MS:g} ms",
+                            verdict(
+                                c["ratio"] <= TARGET_LOAD_RATIO
+                                and not bad
+                                and c["loop_lag"]["p99_ms"] <= TARGET_LAG_P99_MS
+                            ),
+                        ]
+                    )
                 out["load"]["sweep"] = sweep
         if "4" in args.only:
             s4 = asyncio.run(cancellations(server, n_cancel, 50))
@@ -575,15 +810,33 @@ def main() -> None:
             g = s4["growth_after_one_tick"]
             b, a = s4["before"], s4["after_one_tick"]
             o = s4["outcomes"]
-            rows.append([f"4 {n_cancel} councils / batches of 50, 1/3 cancelled",
-                         "outcomes", f"{o['finished']} finished, {o['cancelled_task']} task.cancel(), "
-                         f"{o['closed_generator']} aclose(), {o['cancel_too_late']} cancel after end", "-", "-"])
-            for key, label in (("tasks", "asyncio tasks"), ("connections_in_use", "connections in use (connector)"),
-                               ("connections_idle_pooled", "idle pooled keep-alive connections"),
-                               ("tcp_established_to_server", "TCP connections to server (/proc)"),
-                               ("sockets", "socket fds"), ("fds", "all fds")):
-                rows.append(["", f"{label} before -> after", f"{b[key]} -> {a[key]} ({g[key]:+d})", "no growth",
-                             verdict(g[key] <= 0)])
+            rows.append(
+                [
+                    f"4 {n_cancel} councils / batches of 50, 1/3 cancelled",
+                    "outcomes",
+                    f"{o['finished']} finished, {o['cancelled_task']} task.cancel(), "
+                    f"{o['closed_generator']} aclose(), {o['cancel_too_late']} cancel after end",
+                    "-",
+                    "-",
+                ]
+            )
+            for key, label in (
+                ("tasks", "asyncio tasks"),
+                ("connections_in_use", "connections in use (connector)"),
+                ("connections_idle_pooled", "idle pooled keep-alive connections"),
+                ("tcp_established_to_server", "TCP connections to server (/proc)"),
+                ("sockets", "socket fds"),
+                ("fds", "all fds"),
+            ):
+                rows.append(
+                    [
+                        "",
+                        f"{label} before -> after",
+                        f"{b[key]} -> {a[key]} ({g[key]:+d})",
+                        "no growth",
+                        verdict(g[key] <= 0),
+                    ]
+                )
     out["runtime_s"] = time.perf_counter() - t_start
     out["rows"] = rows
     print()
@@ -591,8 +844,12 @@ def main() -> None:
     print()
     notes = [
         f"fake server: {args.impl}, a separate process (bench/fake_server_process.py); one token per SSE frame, "
-        "no server-side batching" + ("; every frame has an absolute due time (no drift)" if args.impl == "fast"
-                                     else "; FakeLLM sleeps between tokens, so its streams run long (drift)"),
+        "no server-side batching"
+        + (
+            "; every frame has an absolute due time (no drift)"
+            if args.impl == "fast"
+            else "; FakeLLM sleeps between tokens, so its streams run long (drift)"
+        ),
         f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}; benchmark runtime "
         f"{out['runtime_s']:.1f} s",
     ]

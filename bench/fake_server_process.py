@@ -37,13 +37,28 @@ import time
 from typing import Any
 
 DEFAULT_TTFT = 0.1
-_WORDS = ("the ", "council ", "answers ", "with ", "one ", "token ", "per ", "frame ", "so ", "we ", "measure ",
-          "honest ", "streaming ", "cost ")
+_WORDS = (
+    "the ",
+    "council ",
+    "answers ",
+    "with ",
+    "one ",
+    "token ",
+    "per ",
+    "frame ",
+    "so ",
+    "we ",
+    "measure ",
+    "honest ",
+    "streaming ",
+    "cost ",
+)
 
 
 # '{"content":"the "},"logprobs":null,"finish_reason":null}]}\n\n' etc.: the tail of every content frame
-_DELTAS = tuple(json.dumps({"content": w}, separators=(",", ":")) + ',"logprobs":null,"finish_reason":null}]}\n\n'
-                for w in _WORDS)
+_DELTAS = tuple(
+    json.dumps({"content": w}, separators=(",", ":")) + ',"logprobs":null,"finish_reason":null}]}\n\n' for w in _WORDS
+)
 
 
 def parse_model(model: str) -> tuple[float, float, int, float]:
@@ -91,9 +106,14 @@ class _Stats:
             return late[min(len(late) - 1, int(p * len(late)))] * 1000 if late else 0.0
 
         return {
-            "frames": self.frames, "streams": self.streams, "completed": self.completed, "aborted": self.aborted,
-            "connections_opened": self.connections_opened, "open_connections": open_connections,
-            "active_streams": active_streams, **({"arrivals": self.arrivals} if arrivals else {}),
+            "frames": self.frames,
+            "streams": self.streams,
+            "completed": self.completed,
+            "aborted": self.aborted,
+            "connections_opened": self.connections_opened,
+            "open_connections": open_connections,
+            "active_streams": active_streams,
+            **({"arrivals": self.arrivals} if arrivals else {}),
             "lateness_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": late[-1] * 1000 if late else 0.0},
         }
 
@@ -157,8 +177,8 @@ class _Conn(asyncio.Protocol):
                     close = True
             if len(self.buf) < end + 4 + length:
                 return
-            body = bytes(self.buf[end + 4:end + 4 + length])
-            del self.buf[:end + 4 + length]
+            body = bytes(self.buf[end + 4 : end + 4 + length])
+            del self.buf[: end + 4 + length]
             self._handle(method, target, body, close)
 
     def _respond(self, status: int, body: bytes, *, close: bool = False) -> None:
@@ -166,7 +186,8 @@ class _Conn(asyncio.Protocol):
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found"}.get(status, "Error")
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
-            % (status, reason.encode(), len(body), b"Connection: close\r\n" if close else b"", body))
+            % (status, reason.encode(), len(body), b"Connection: close\r\n" if close else b"", body)
+        )
         if close:
             self.transport.close()
 
@@ -204,8 +225,10 @@ class _Conn(asyncio.Protocol):
         self.ttft, self.interval = ttft, interval
         sid = next(self.server.ids)
         created = int(time.time())
-        head = f'data: {{"id":"chatcmpl-fast-{sid}","object":"chat.completion.chunk","created":{created},' \
+        head = (
+            f'data: {{"id":"chatcmpl-fast-{sid}","object":"chat.completion.chunk","created":{created},'
             f'"model":{json.dumps(model)},'
+        )
         pre = head + '"choices":[{"index":0,"delta":'
 
         def frame(delta: str, finish: str = "null") -> bytes:
@@ -214,14 +237,15 @@ class _Conn(asyncio.Protocol):
         self.pre, self.n = pre, n  # content frames are built when due: a burst of requests stays cheap
         usage = {"prompt_tokens": len(body) // 4, "completion_tokens": n, "total_tokens": len(body) // 4 + n}
         usage_line = head + '"choices":[],"usage":' + json.dumps(usage) + "}\n\n"
-        self.tail = (frame("{}", '"stop"') + _chunked(usage_line.encode()) + _chunked(b"data: [DONE]\n\n")
-                     + b"0\r\n\r\n")
+        self.tail = frame("{}", '"stop"') + _chunked(usage_line.encode()) + _chunked(b"data: [DONE]\n\n") + b"0\r\n\r\n"
         self.k = 0
         assert self.transport is not None
         self.transport.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-            b"Transfer-Encoding: chunked\r\n%s\r\n" % (b"Connection: close\r\n" if close else b"")
-            + frame('{"role":"assistant","content":null}'))
+            b"Transfer-Encoding: chunked\r\n%s\r\n"
+            % (b"Connection: close\r\n" if close else b"")
+            + frame('{"role":"assistant","content":null}')
+        )
         self.handle = loop.call_at(self.t0 + ttft, self._tick)
 
     def _tick(self) -> None:
@@ -303,6 +327,7 @@ async def _main(impl: str, models: list[str]) -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     if stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode):  # a parent's pipe: its closing stops us
+
         def watch_stdin() -> None:
             while os.read(sys.stdin.fileno(), 4096):
                 pass

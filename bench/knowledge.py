@@ -88,7 +88,7 @@ def docstring_paragraphs(count: int) -> list[str]:
 def write_markdown(folder: Path, paragraphs: list[str], *, per_file: int = SECTIONS_PER_FILE) -> None:
     folder.mkdir(parents=True)
     for f, start in enumerate(range(0, len(paragraphs), per_file)):
-        sections = [f"## Section {start + i}\n\n{p}" for i, p in enumerate(paragraphs[start:start + per_file])]
+        sections = [f"## Section {start + i}\n\n{p}" for i, p in enumerate(paragraphs[start : start + per_file])]
         (folder / f"doc{f:04d}.md").write_text(f"# Document {f}\n\n" + "\n\n".join(sections), encoding="utf-8")
 
 
@@ -100,6 +100,7 @@ def synthetic(real: np.ndarray, count: int, rng: np.random.Generator) -> np.ndar
 
 
 # --- measurements --------------------------------------------------------------------------------
+
 
 def percentiles(values: list[float] | np.ndarray, *ps: float) -> list[float]:
     return [float(np.percentile(values, p)) for p in ps]
@@ -124,16 +125,20 @@ async def ingest(kb: KnowledgeBase, folder: Path) -> tuple[float, int, list[floa
     return elapsed, report.chunks_added, lateness
 
 
-def recall_at_5(collection: object, vectors: np.ndarray, queries: np.ndarray, ids: list[str]
-                ) -> tuple[float, list[float]]:
+def recall_at_5(
+    collection: object, vectors: np.ndarray, queries: np.ndarray, ids: list[str]
+) -> tuple[float, list[float]]:
     """Recall@5 of the collection's index against brute force over ``vectors`` (rows named by
     ``ids``), and the query latencies (s)."""
     exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :5]
     hits, latencies = 0, []
     for q, truth in zip(queries, exact, strict=True):
         started = time.perf_counter()
-        got = collection.query(query_embeddings=q[None, :], n_results=5,  # type: ignore[attr-defined]
-                               include=["documents", "metadatas", "distances"])
+        got = collection.query(
+            query_embeddings=q[None, :],
+            n_results=5,  # type: ignore[attr-defined]
+            include=["documents", "metadatas", "distances"],
+        )
         latencies.append(time.perf_counter() - started)
         hits += len(set(got["ids"][0]) & {ids[t] for t in truth})
     return hits / (5 * len(queries)), latencies
@@ -153,15 +158,23 @@ def stored_vectors(collection: object) -> tuple[list[str], np.ndarray]:
 
 # --- the run -------------------------------------------------------------------------------------
 
+
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    figures: dict[str, object] = {"chunks": args.chunks, "big": args.big, "queries": args.queries,
-                                  "hnsw": HNSW, "python": platform.python_version(), "machine": platform.machine()}
+    figures: dict[str, object] = {
+        "chunks": args.chunks,
+        "big": args.big,
+        "queries": args.queries,
+        "hnsw": HNSW,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
     t0 = time.perf_counter()
     paragraphs = docstring_paragraphs(args.chunks + args.queries)
-    corpus, held_out = paragraphs[:args.chunks], paragraphs[args.chunks:]
+    corpus, held_out = paragraphs[: args.chunks], paragraphs[args.chunks :]
     questions = [" ".join(p.split()[:12]) for p in held_out]
-    console.print(f"corpus: {len(corpus)} paragraphs, {len(questions)} questions "
-                  f"({time.perf_counter() - t0:.1f} s to collect)")
+    console.print(
+        f"corpus: {len(corpus)} paragraphs, {len(questions)} questions ({time.perf_counter() - t0:.1f} s to collect)"
+    )
 
     with tempfile.TemporaryDirectory(prefix="kb-bench-") as tmp:
         root = Path(tmp)
@@ -174,10 +187,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             console.print(f"1. ingesting {len(corpus)} chunks (about {np.mean(tokens):.0f} tokens each)…")
             seconds, stored, lateness = await ingest(kb, root / "docs")
             lag = [x * 1e3 for x in lateness]
-            figures["ingest"] = {"seconds": seconds, "chunks": stored, "chunks_per_s": stored / seconds,
-                                 "tokens_per_chunk": float(np.mean(tokens)),
-                                 "loop_lag_p50_ms": percentiles(lag, 50)[0], "loop_lag_p99_ms": percentiles(lag, 99)[0],
-                                 "loop_lag_max_ms": max(lag), "ticks": len(lag)}
+            figures["ingest"] = {
+                "seconds": seconds,
+                "chunks": stored,
+                "chunks_per_s": stored / seconds,
+                "tokens_per_chunk": float(np.mean(tokens)),
+                "loop_lag_p50_ms": percentiles(lag, 50)[0],
+                "loop_lag_p99_ms": percentiles(lag, 99)[0],
+                "loop_lag_max_ms": max(lag),
+                "ticks": len(lag),
+            }
 
             console.print("2./3. queries and recall at the ingested size…")
             query_vectors = encode_minilm(questions)
@@ -190,10 +209,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 searches.append(time.perf_counter() - started)
             p50, p95 = percentiles(np.array(latencies) * 1e3, 50, 95)
             s50, s95 = percentiles(np.array(searches) * 1e3, 50, 95)
-            figures["small"] = {"chunks": len(ids), "recall_at_5": recall, "query_p50_ms": p50, "query_p95_ms": p95,
-                                "search_p50_ms": s50, "search_p95_ms": s95}
+            figures["small"] = {
+                "chunks": len(ids),
+                "recall_at_5": recall,
+                "query_p50_ms": p50,
+                "query_p95_ms": p95,
+                "search_p50_ms": s50,
+                "search_p95_ms": s95,
+            }
 
-            big_sample = [" ".join(corpus[i:i + 4])[:900] for i in range(0, min(len(corpus), 4 * args.full_size), 4)]
+            big_sample = [" ".join(corpus[i : i + 4])[:900] for i in range(0, min(len(corpus), 4 * args.full_size), 4)]
             write_markdown(root / "full", big_sample, per_file=10)
             console.print(f"   {len(big_sample)} full-size chunks…")
             seconds_full, stored_full, _ = await ingest(kb, root / "full")
@@ -204,30 +229,40 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             extra = synthetic(real, max(0, args.big - len(real)), np.random.default_rng(7))
             all_vectors = np.concatenate([real, extra])
             all_ids = [f"v{i}" for i in range(len(all_vectors))]
-            big = kb.store.client.create_collection("bench-big", configuration={"hnsw": dict(HNSW)},
-                                                    embedding_function=None)
+            big = kb.store.client.create_collection(
+                "bench-big", configuration={"hnsw": dict(HNSW)}, embedding_function=None
+            )
             started = time.perf_counter()
             batch = kb.store.client.get_max_batch_size()
             for s in range(0, len(all_vectors), batch):
-                await asyncio.to_thread(big.add, ids=all_ids[s:s + batch], embeddings=all_vectors[s:s + batch])
+                await asyncio.to_thread(big.add, ids=all_ids[s : s + batch], embeddings=all_vectors[s : s + batch])
             build = time.perf_counter() - started
             recall_big, latencies_big = recall_at_5(big, all_vectors, query_vectors, all_ids)
             p50, p95 = percentiles(np.array(latencies_big) * 1e3, 50, 95)
-            figures["big_index"] = {"chunks": len(all_vectors), "build_s": build, "recall_at_5": recall_big,
-                                    "query_p50_ms": p50, "query_p95_ms": p95}
+            figures["big_index"] = {
+                "chunks": len(all_vectors),
+                "build_s": build,
+                "recall_at_5": recall_big,
+                "query_p50_ms": p50,
+                "query_p95_ms": p95,
+            }
         finally:
             await kb.close()
 
-        subset = corpus[:args.served_chunks]
+        subset = corpus[: args.served_chunks]
         write_markdown(root / "served-docs", subset)
         console.print(f"5. ingesting {len(subset)} chunks into a folder served by a chroma run child…")
         served_settings = replace(settings, chroma_path=root / "served")
         async with await KnowledgeBase.open(served_settings, serve=True) as served:
             seconds, stored, lateness = await ingest(served, root / "served-docs")
         lag = [x * 1e3 for x in lateness]
-        figures["ingest_served"] = {"chunks": stored, "chunks_per_s": stored / seconds,
-                                    "loop_lag_p50_ms": percentiles(lag, 50)[0],
-                                    "loop_lag_p99_ms": percentiles(lag, 99)[0], "loop_lag_max_ms": max(lag)}
+        figures["ingest_served"] = {
+            "chunks": stored,
+            "chunks_per_s": stored / seconds,
+            "loop_lag_p50_ms": percentiles(lag, 50)[0],
+            "loop_lag_p99_ms": percentiles(lag, 99)[0],
+            "loop_lag_max_ms": max(lag),
+        }
     figures["total_s"] = time.perf_counter() - t0
     return figures
 
@@ -243,30 +278,57 @@ def report(f: dict) -> None:
     for column in ("figure", "value", "target", ""):
         table.add_column(column)
     n, b = f"{small['chunks']:,}", f"{big['chunks']:,}"
-    table.add_row(f"ingest, {ing['chunks']:,} chunks of ~{ing['tokens_per_chunk']:.0f} tokens",
-                  f"{ing['chunks_per_s']:.1f} chunks/s ({ing['seconds']:.0f} s)", "", "")
-    table.add_row(f"ingest, {full['chunks']} full-size chunks (~900 chars)",
-                  f"{full['chunks_per_s']:.1f} chunks/s", "", "")
-    table.add_row("event-loop lag while ingesting in-process (embedded), p50 / p99 / max",
-                  f"{ing['loop_lag_p50_ms']:.1f} / {ing['loop_lag_p99_ms']:.1f} / {ing['loop_lag_max_ms']:.1f} ms",
-                  "p99 ≤ 20 ms", verdict(ing["loop_lag_p99_ms"], TARGETS["loop_lag_p99_ms"]))
+    table.add_row(
+        f"ingest, {ing['chunks']:,} chunks of ~{ing['tokens_per_chunk']:.0f} tokens",
+        f"{ing['chunks_per_s']:.1f} chunks/s ({ing['seconds']:.0f} s)",
+        "",
+        "",
+    )
+    table.add_row(
+        f"ingest, {full['chunks']} full-size chunks (~900 chars)", f"{full['chunks_per_s']:.1f} chunks/s", "", ""
+    )
+    table.add_row(
+        "event-loop lag while ingesting in-process (embedded), p50 / p99 / max",
+        f"{ing['loop_lag_p50_ms']:.1f} / {ing['loop_lag_p99_ms']:.1f} / {ing['loop_lag_max_ms']:.1f} ms",
+        "p99 ≤ 20 ms",
+        verdict(ing["loop_lag_p99_ms"], TARGETS["loop_lag_p99_ms"]),
+    )
     served = f["ingest_served"]
-    table.add_row(f"the same, served by a chroma run child (serve=True; {served['chunks']:,} chunks at "
-                  f"{served['chunks_per_s']:.1f}/s), p50 / p99 / max",
-                  f"{served['loop_lag_p50_ms']:.1f} / {served['loop_lag_p99_ms']:.1f} / "
-                  f"{served['loop_lag_max_ms']:.1f} ms", "p99 ≤ 20 ms",
-                  verdict(served["loop_lag_p99_ms"], TARGETS["loop_lag_p99_ms"]))
-    table.add_row(f"Chroma query at {n}, p50 / p95",
-                  f"{small['query_p50_ms']:.2f} / {small['query_p95_ms']:.2f} ms", "", "")
-    table.add_row(f"kb.search at {n} (embedding included), p50 / p95",
-                  f"{small['search_p50_ms']:.1f} / {small['search_p95_ms']:.1f} ms", "", "")
-    table.add_row(f"recall@5 vs exact at {n}", f"{small['recall_at_5']:.3f}", "≥ 0.95",
-                  verdict(small["recall_at_5"], TARGETS["recall_at_5"], higher=True))
+    table.add_row(
+        f"the same, served by a chroma run child (serve=True; {served['chunks']:,} chunks at "
+        f"{served['chunks_per_s']:.1f}/s), p50 / p99 / max",
+        f"{served['loop_lag_p50_ms']:.1f} / {served['loop_lag_p99_ms']:.1f} / {served['loop_lag_max_ms']:.1f} ms",
+        "p99 ≤ 20 ms",
+        verdict(served["loop_lag_p99_ms"], TARGETS["loop_lag_p99_ms"]),
+    )
+    table.add_row(
+        f"Chroma query at {n}, p50 / p95", f"{small['query_p50_ms']:.2f} / {small['query_p95_ms']:.2f} ms", "", ""
+    )
+    table.add_row(
+        f"kb.search at {n} (embedding included), p50 / p95",
+        f"{small['search_p50_ms']:.1f} / {small['search_p95_ms']:.1f} ms",
+        "",
+        "",
+    )
+    table.add_row(
+        f"recall@5 vs exact at {n}",
+        f"{small['recall_at_5']:.3f}",
+        "≥ 0.95",
+        verdict(small["recall_at_5"], TARGETS["recall_at_5"], higher=True),
+    )
     table.add_row(f"index build at {b} (vectors in)", f"{big['build_s']:.0f} s", "", "")
-    table.add_row(f"Chroma query at {b}, p50 / p95", f"{big['query_p50_ms']:.2f} / {big['query_p95_ms']:.2f} ms",
-                  "p95 ≤ 20 ms", verdict(big["query_p95_ms"], TARGETS["query_p95_ms"]))
-    table.add_row(f"recall@5 vs exact at {b}", f"{big['recall_at_5']:.3f}", "≥ 0.95",
-                  verdict(big["recall_at_5"], TARGETS["recall_at_5"], higher=True))
+    table.add_row(
+        f"Chroma query at {b}, p50 / p95",
+        f"{big['query_p50_ms']:.2f} / {big['query_p95_ms']:.2f} ms",
+        "p95 ≤ 20 ms",
+        verdict(big["query_p95_ms"], TARGETS["query_p95_ms"]),
+    )
+    table.add_row(
+        f"recall@5 vs exact at {b}",
+        f"{big['recall_at_5']:.3f}",
+        "≥ 0.95",
+        verdict(big["recall_at_5"], TARGETS["recall_at_5"], higher=True),
+    )
     console.print(table)
     console.print(f"HNSW {f['hnsw']}; {f['queries']} questions; total {f['total_s']:.0f} s. Results: {RESULTS}")
 
@@ -277,8 +339,12 @@ def main() -> None:
     parser.add_argument("--big", type=int, default=100_000, help="vectors in the big index")
     parser.add_argument("--queries", type=int, default=200, help="questions for latency and recall")
     parser.add_argument("--full-size", type=int, default=200, help="full-size chunks for the second throughput")
-    parser.add_argument("--served-chunks", type=int, default=1000,
-                        help="chunks to ingest into a folder served by a child process, for its event-loop lag")
+    parser.add_argument(
+        "--served-chunks",
+        type=int,
+        default=1000,
+        help="chunks to ingest into a folder served by a child process, for its event-loop lag",
+    )
     args = parser.parse_args()
     figures = asyncio.run(run(args))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

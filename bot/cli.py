@@ -71,7 +71,8 @@ async def cmd_run(args: argparse.Namespace, settings: Settings, council: Council
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="shenron", description="Convene a council of language models: in Discord, or right here.")
+        prog="shenron", description="Convene a council of language models: in Discord, or right here."
+    )
     parser.add_argument("--env-file", default=".env", help="settings file to load (default: .env)")
     parser.add_argument("--council", help="roster file (default: $SHENRON_COUNCIL or council.toml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
@@ -123,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         load_dotenv(env_file, override=False)
         _warn_if_readable_by_others(env_file, args.env_file)
     elif args.env_file != ".env":
-        print(f"shenron: {env_file}: settings file not found. Fix: check the path given to --env-file",
-              file=sys.stderr)
+        print(f"shenron: {env_file}: settings file not found. Fix: check the path given to --env-file", file=sys.stderr)
         return EXIT_CONFIG
     try:
         if args.council:
@@ -145,4 +145,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("shenron: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-

@@ -99,24 +99,29 @@ class _Reader:
 
     def __init__(self, file: str, prefix: str, table: Any) -> None:
         if not isinstance(table, dict):
-            raise ConfigError(file, prefix, f"expected a table, found {_kind(table)}",
-                              f"write it as [{prefix}] with key = value lines")
+            raise ConfigError(
+                file,
+                prefix,
+                f"expected a table, found {_kind(table)}",
+                f"write it as [{prefix}] with key = value lines",
+            )
         self.file, self.prefix, self.table = file, prefix, table
 
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
-    def str(self, name: str, default: str | None = None, *, required: bool = False,
-            allow_empty: bool = False) -> str | None:
+    def str(
+        self, name: str, default: str | None = None, *, required: bool = False, allow_empty: bool = False
+    ) -> str | None:
         if name not in self.table:
             if required:
-                raise ConfigError(self.file, self.key(name), "is missing",
-                                  f'add {name} = "…" to [{self.prefix}]')
+                raise ConfigError(self.file, self.key(name), "is missing", f'add {name} = "…" to [{self.prefix}]')
             return default
         value = self.table[name]
         if not isinstance(value, str):
-            raise ConfigError(self.file, self.key(name), f"expected text, found {_kind(value)}",
-                              f'quote it: {name} = "{value}"')
+            raise ConfigError(
+                self.file, self.key(name), f"expected text, found {_kind(value)}", f'quote it: {name} = "{value}"'
+            )
         value = value.strip()
         if not value and not allow_empty:
             raise ConfigError(self.file, self.key(name), "is empty", f"give {name} a value")
@@ -129,28 +134,37 @@ class _Reader:
         ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
         if isinstance(value, bool) or not ok_type:
             what = "a whole number" if integer else "a number"
-            raise ConfigError(self.file, self.key(name), f"expected {what}, found {value!r}",
-                              f"write {name} = {int(default) if integer else default}")
+            raise ConfigError(
+                self.file,
+                self.key(name),
+                f"expected {what}, found {value!r}",
+                f"write {name} = {int(default) if integer else default}",
+            )
         if not lo <= value <= hi:
-            raise ConfigError(self.file, self.key(name), f"{value} is out of range",
-                              f"use a value between {lo:g} and {hi:g}")
+            raise ConfigError(
+                self.file, self.key(name), f"{value} is out of range", f"use a value between {lo:g} and {hi:g}"
+            )
         return int(value) if integer else float(value)
 
 
 def _check_url(file: str, key: str, url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(file, key, f"{url!r} is not an http(s) URL",
-                          'write it like "http://localhost:1234/v1"')
+        raise ConfigError(file, key, f"{url!r} is not an http(s) URL", 'write it like "http://localhost:1234/v1"')
     if parts.username or parts.password:
         # It would be shown in /health, errors and logs; keys belong in .env, sent as a Bearer token.
-        raise ConfigError(file, key, "contains a user name or password",
-                          "remove it from the URL; put the key in .env and name it with api_key_env")
+        raise ConfigError(
+            file,
+            key,
+            "contains a user name or password",
+            "remove it from the URL; put the key in .env and name it with api_key_env",
+        )
     try:
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:
-        raise ConfigError(file, key, f"{url!r} has a malformed port",
-                          'write it like "http://localhost:1234/v1"') from None
+        raise ConfigError(
+            file, key, f"{url!r} has a malformed port", 'write it like "http://localhost:1234/v1"'
+        ) from None
     return url.rstrip("/")
 
 
@@ -166,20 +180,29 @@ def _colour(file: str, key: str, value: Any, default: int) -> int:
 
 def _check_name(file: str, key: str, name: str) -> str:
     if not NAME_RE.match(name):
-        raise ConfigError(file, key, f"{name!r} is not a usable name",
-                          "use 1–32 letters, digits, spaces, '-' or '_', starting with a letter or digit")
+        raise ConfigError(
+            file,
+            key,
+            f"{name!r} is not a usable name",
+            "use 1–32 letters, digits, spaces, '-' or '_', starting with a letter or digit",
+        )
     return name
 
 
-def parse_council(text: str, *, file: str = DEFAULT_COUNCIL_FILE,
-                  env: Mapping[str, str] | None = None) -> CouncilConfig:
+def parse_council(
+    text: str, *, file: str = DEFAULT_COUNCIL_FILE, env: Mapping[str, str] | None = None
+) -> CouncilConfig:
     """Parse and validate a roster. ``env`` supplies API keys and the LLM_BASE_URL/LLM_MODEL overrides."""
     env = os.environ if env is None else env
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(file, "(syntax)", f"not valid TOML ({exc})",
-                          "correct the line it names; strings need quotes, tables need [brackets]") from None
+        raise ConfigError(
+            file,
+            "(syntax)",
+            f"not valid TOML ({exc})",
+            "correct the line it names; strings need quotes, tables need [brackets]",
+        ) from None
 
     top = _Reader(file, "", data)
     council = _Reader(file, "council", data.get("council", {}))
@@ -187,8 +210,12 @@ def parse_council(text: str, *, file: str = DEFAULT_COUNCIL_FILE,
 
     raw_backends = data.get("backends")
     if not isinstance(raw_backends, dict) or not raw_backends:
-        raise ConfigError(file, "backends", "no backend is defined",
-                          'add a [backends.local] table with base_url = "http://localhost:1234/v1"')
+        raise ConfigError(
+            file,
+            "backends",
+            "no backend is defined",
+            'add a [backends.local] table with base_url = "http://localhost:1234/v1"',
+        )
     override_url = (env.get("LLM_BASE_URL") or "").strip()
     if override_url:
         override_url = _check_url("environment", "LLM_BASE_URL", override_url)
@@ -201,12 +228,20 @@ def parse_council(text: str, *, file: str = DEFAULT_COUNCIL_FILE,
         api_key = None
         if key_env:
             if not ENV_NAME_RE.match(key_env):
-                raise ConfigError(file, r.key("api_key_env"), f"{key_env!r} is not an environment variable name",
-                                  'name the variable that holds the key, e.g. api_key_env = "OPENAI_API_KEY"')
+                raise ConfigError(
+                    file,
+                    r.key("api_key_env"),
+                    f"{key_env!r} is not an environment variable name",
+                    'name the variable that holds the key, e.g. api_key_env = "OPENAI_API_KEY"',
+                )
             api_key = (env.get(key_env) or "").strip()
             if not api_key:
-                raise ConfigError(file, r.key("api_key_env"), f"environment variable {key_env} is not set",
-                                  f"put {key_env}=<your key> in .env, or remove api_key_env if the server needs no key")
+                raise ConfigError(
+                    file,
+                    r.key("api_key_env"),
+                    f"environment variable {key_env} is not set",
+                    f"put {key_env}=<your key> in .env, or remove api_key_env if the server needs no key",
+                )
         backends[bname] = Backend(
             name=bname,
             base_url=url,
@@ -224,50 +259,67 @@ def parse_council(text: str, *, file: str = DEFAULT_COUNCIL_FILE,
         if name is None:
             if len(backends) == 1:
                 return next(iter(backends))
-            raise ConfigError(file, r.key("backend"), "is missing and there are several backends",
-                              f"set backend to one of: {', '.join(backends)}")
+            raise ConfigError(
+                file,
+                r.key("backend"),
+                "is missing and there are several backends",
+                f"set backend to one of: {', '.join(backends)}",
+            )
         if name not in backends:
-            raise ConfigError(file, r.key("backend"), f"unknown backend {name!r}",
-                              f"use one of: {', '.join(backends)}, or add a [backends.{name}] table")
+            raise ConfigError(
+                file,
+                r.key("backend"),
+                f"unknown backend {name!r}",
+                f"use one of: {', '.join(backends)}, or add a [backends.{name}] table",
+            )
         return name
 
     override_model = (env.get("LLM_MODEL") or "").strip()
 
     raw_fighters = data.get("fighters")
     if not isinstance(raw_fighters, list) or not raw_fighters:
-        raise ConfigError(file, "fighters", "the roster is empty",
-                          "add at least one [[fighters]] table with name, model and persona")
+        raise ConfigError(
+            file, "fighters", "the roster is empty", "add at least one [[fighters]] table with name, model and persona"
+        )
     fighters: list[Fighter] = []
     seen: set[str] = set()
     for i, table in enumerate(raw_fighters):
         r = _Reader(file, f"fighters[{i}]", table)
         name = _check_name(file, r.key("name"), r.str("name", required=True))
         if name.upper() in seen:
-            raise ConfigError(file, r.key("name"), f"duplicate fighter name {name!r}",
-                              "give every fighter a different name")
+            raise ConfigError(
+                file, r.key("name"), f"duplicate fighter name {name!r}", "give every fighter a different name"
+            )
         seen.add(name.upper())
-        fighters.append(Fighter(
-            name=name,
-            emoji=r.str("emoji", "🥋"),
-            role=r.str("role", "Fighter"),
-            persona=r.str("persona", required=True),
-            model=override_model or r.str("model", required=True),
-            backend=backend_of(r),
-            temperature=r.num("temperature", 0.7, 0.0, 2.0),
-            max_tokens=r.num("max_tokens", 800, 1, 200_000, integer=True),
-            colour=_colour(file, r.key("colour"), r.table.get("colour"), 0x5865F2),
-            timeout_s=r.num("timeout_s", None, 0.01, 3600) if "timeout_s" in r.table else None,
-        ))
+        fighters.append(
+            Fighter(
+                name=name,
+                emoji=r.str("emoji", "🥋"),
+                role=r.str("role", "Fighter"),
+                persona=r.str("persona", required=True),
+                model=override_model or r.str("model", required=True),
+                backend=backend_of(r),
+                temperature=r.num("temperature", 0.7, 0.0, 2.0),
+                max_tokens=r.num("max_tokens", 800, 1, 200_000, integer=True),
+                colour=_colour(file, r.key("colour"), r.table.get("colour"), 0x5865F2),
+                timeout_s=r.num("timeout_s", None, 0.01, 3600) if "timeout_s" in r.table else None,
+            )
+        )
 
     r = _Reader(file, "synthesizer", data.get("synthesizer"))
     sname = _check_name(file, r.key("name"), r.str("name", "SHENRON"))
     if sname.upper() in seen:
-        raise ConfigError(file, r.key("name"), f"{sname!r} is also a fighter's name",
-                          "give the synthesizer a name no fighter uses")
+        raise ConfigError(
+            file, r.key("name"), f"{sname!r} is also a fighter's name", "give the synthesizer a name no fighter uses"
+        )
     fallback_backend = r.str("fallback_backend")
     if fallback_backend is not None and fallback_backend not in backends:
-        raise ConfigError(file, r.key("fallback_backend"), f"unknown backend {fallback_backend!r}",
-                          f"use one of: {', '.join(backends)}")
+        raise ConfigError(
+            file,
+            r.key("fallback_backend"),
+            f"unknown backend {fallback_backend!r}",
+            f"use one of: {', '.join(backends)}",
+        )
     synth = Synthesizer(
         name=sname,
         emoji=r.str("emoji", "🐉"),
@@ -284,11 +336,13 @@ def parse_council(text: str, *, file: str = DEFAULT_COUNCIL_FILE,
     unknown = set(data) - {"council", "backends", "fighters", "synthesizer"}
     if unknown:
         key = sorted(unknown)[0]
-        raise ConfigError(file, key, "is not a known section",
-                          "use [council], [backends.NAME], [[fighters]] and [synthesizer]")
+        raise ConfigError(
+            file, key, "is not a known section", "use [council], [backends.NAME], [[fighters]] and [synthesizer]"
+        )
     del top
-    return CouncilConfig(backends=backends, fighters=tuple(fighters), synthesizer=synth,
-                         round_deadline_s=deadline, source=file)
+    return CouncilConfig(
+        backends=backends, fighters=tuple(fighters), synthesizer=synth, round_deadline_s=deadline, source=file
+    )
 
 
 def load_council(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> CouncilConfig:
@@ -296,8 +350,12 @@ def load_council(path: str | os.PathLike[str], env: Mapping[str, str] | None = N
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(str(p), "(file)", "does not exist",
-                          "copy the council.toml from the repository, or set SHENRON_COUNCIL to your roster file") from None
+        raise ConfigError(
+            str(p),
+            "(file)",
+            "does not exist",
+            "copy the council.toml from the repository, or set SHENRON_COUNCIL to your roster file",
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(p), "(file)", f"cannot be read ({exc})", "check the path and its permissions") from None
     return parse_council(text, file=str(p), env=env)
@@ -309,8 +367,12 @@ def with_fighters(council: CouncilConfig, names: list[str]) -> CouncilConfig:
     known = {f.name.upper() for f in council.fighters}
     unknown = sorted(wanted - known)
     if unknown:
-        raise ConfigError(council.source, "fighters", f"no fighter named {', '.join(unknown)}",
-                          f"choose from: {', '.join(f.name for f in council.fighters)}")
+        raise ConfigError(
+            council.source,
+            "fighters",
+            f"no fighter named {', '.join(unknown)}",
+            f"choose from: {', '.join(f.name for f in council.fighters)}",
+        )
     return replace(council, fighters=tuple(f for f in council.fighters if f.name.upper() in wanted))
 
 
@@ -356,7 +418,9 @@ def _env_int(env: Mapping[str, str], key: str, default: int | None, lo: int, hi:
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(".env", key, f"{raw!r} is not a whole number", f"set {key} to a number, or remove it") from None
+        raise ConfigError(
+            ".env", key, f"{raw!r} is not a whole number", f"set {key} to a number, or remove it"
+        ) from None
     if not lo <= value <= hi:
         raise ConfigError(".env", key, f"{value} is out of range", f"use a value between {lo} and {hi}")
     return value
@@ -380,8 +444,12 @@ def _env_ids(env: Mapping[str, str], key: str) -> frozenset[int]:
     ids: set[int] = set()
     for part in filter(None, (p.strip() for p in raw.replace(";", ",").split(","))):
         if not part.isdigit():
-            raise ConfigError(".env", key, f"{part!r} is not a Discord ID",
-                              "list numeric IDs separated by commas (Developer Mode → right-click → Copy ID)")
+            raise ConfigError(
+                ".env",
+                key,
+                f"{part!r} is not a Discord ID",
+                "list numeric IDs separated by commas (Developer Mode → right-click → Copy ID)",
+            )
         ids.add(int(part))
     return frozenset(ids)
 
@@ -408,8 +476,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         chroma_url = _check_url(".env", "CHROMA_URL", chroma_url)
     collection = (env.get("KB_COLLECTION") or "shenron").strip()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]", collection):
-        raise ConfigError(".env", "KB_COLLECTION", f"{collection!r} is not a valid collection name",
-                          "use 3–512 letters, digits, '.', '_' or '-', starting and ending with a letter or digit")
+        raise ConfigError(
+            ".env",
+            "KB_COLLECTION",
+            f"{collection!r} is not a valid collection name",
+            "use 3–512 letters, digits, '.', '_' or '-', starting and ending with a letter or digit",
+        )
     token = (env.get("DISCORD_TOKEN") or "").strip() or None
     return Settings(
         council_path=Path((env.get("SHENRON_COUNCIL") or DEFAULT_COUNCIL_FILE).strip()),

@@ -85,8 +85,9 @@ class _Progress:
 class CouncilEngine:
     """Runs council rounds for one roster over one LLM client."""
 
-    def __init__(self, client: LLMClient, council: CouncilConfig, *,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self, client: LLMClient, council: CouncilConfig, *, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.client = client
         self.council = council
         self._clock = clock
@@ -107,8 +108,9 @@ class CouncilEngine:
         final: dict[str, FighterAnswer] = {}
         arrival: list[FighterAnswer] = []
         tasks = {
-            f.name: asyncio.create_task(self._fighter(f, question, history, context, t0, deadline_s, queue),
-                                        name=f"fighter-{f.name}")
+            f.name: asyncio.create_task(
+                self._fighter(f, question, history, context, t0, deadline_s, queue), name=f"fighter-{f.name}"
+            )
             for f in roster
         }
         loop = asyncio.get_running_loop()
@@ -143,8 +145,11 @@ class CouncilEngine:
             else:
                 yield SynthesisFailed(result=synthesis)
             wall = self._clock() - t0
-            intervals = [(a.first_token_s, a.last_token_s) for a in arrival
-                         if a.first_token_s is not None and a.last_token_s is not None]
+            intervals = [
+                (a.first_token_s, a.last_token_s)
+                for a in arrival
+                if a.first_token_s is not None and a.last_token_s is not None
+            ]
             stats = CouncilStats(
                 wall_s=wall,
                 fighters_total=len(roster),
@@ -155,10 +160,16 @@ class CouncilEngine:
                 overlap=overlap(intervals),
                 sources=len({p.source for p in context}),
             )
-            yield CouncilFinished(CouncilResult(
-                question=question, answers=tuple(arrival), synthesis=synthesis, stats=stats,
-                context=tuple(context), missing=tuple(a.fighter for a in missing),
-            ))
+            yield CouncilFinished(
+                CouncilResult(
+                    question=question,
+                    answers=tuple(arrival),
+                    synthesis=synthesis,
+                    stats=stats,
+                    context=tuple(context),
+                    missing=tuple(a.fighter for a in missing),
+                )
+            )
         finally:
             backstop.cancel()
             for task in tasks.values():
@@ -169,8 +180,13 @@ class CouncilEngine:
         """The fighters for this round; unknown names raise ConfigError before anything starts."""
         return with_fighters(self.council, list(names)).fighters if names else self.council.fighters
 
-    async def _abandon(self, roster: Sequence[Fighter], tasks: dict[str, asyncio.Task[None]],
-                       final: dict[str, FighterAnswer], t0: float) -> list[FighterFailed]:
+    async def _abandon(
+        self,
+        roster: Sequence[Fighter],
+        tasks: dict[str, asyncio.Task[None]],
+        final: dict[str, FighterAnswer],
+        t0: float,
+    ) -> list[FighterFailed]:
         """The round's deadline passed: stop the stragglers and say so."""
         events = []
         for f in roster:
@@ -178,15 +194,35 @@ class CouncilEngine:
                 continue
             tasks[f.name].cancel()
             now = self._clock() - t0
-            events.append(FighterFailed(FighterAnswer(
-                fighter=f.name, model=f.model, backend=f.backend, ok=False,
-                error=f"the round's deadline ({self.council.round_deadline_s:g} s) passed before {f.name} finished",
-                error_kind="deadline", elapsed_s=now)))
+            events.append(
+                FighterFailed(
+                    FighterAnswer(
+                        fighter=f.name,
+                        model=f.model,
+                        backend=f.backend,
+                        ok=False,
+                        error=(
+                            f"the round's deadline ({self.council.round_deadline_s:g} s) passed "
+                            f"before {f.name} finished"
+                        ),
+                        error_kind="deadline",
+                        elapsed_s=now,
+                    )
+                )
+            )
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         return events
 
-    async def _fighter(self, f: Fighter, question: str, history: Sequence[Turn], context: Sequence[Passage],
-                       t0: float, deadline_s: float, queue: asyncio.Queue[Event]) -> None:
+    async def _fighter(
+        self,
+        f: Fighter,
+        question: str,
+        history: Sequence[Turn],
+        context: Sequence[Passage],
+        t0: float,
+        deadline_s: float,
+        queue: asyncio.Queue[Event],
+    ) -> None:
         backend = self.client.backends[f.backend]
         remaining = deadline_s - (self._clock() - t0)
         timeout = min(f.timeout_s or backend.total_timeout_s, max(remaining, 0.01))
@@ -196,8 +232,9 @@ class CouncilEngine:
         error: str = ""
         kind: str = ""
         try:
-            stream = self.client.stream_chat(f.backend, f.model, messages, temperature=f.temperature,
-                                             max_tokens=f.max_tokens, timeout_s=timeout)
+            stream = self.client.stream_chat(
+                f.backend, f.model, messages, temperature=f.temperature, max_tokens=f.max_tokens, timeout_s=timeout
+            )
             async with aclosing(stream):
                 async for d in stream:
                     if piece := self._absorb(p, d, t0):
@@ -212,16 +249,28 @@ class CouncilEngine:
         text = "".join(p.text).strip()
         if not error and not text:
             if p.reasoning and p.finish_reason == "length":
-                error = (f"{f.model} spent its whole max_tokens ({f.max_tokens}) thinking and gave no answer — "
-                         f"raise max_tokens for {f.name} in council.toml")
+                error = (
+                    f"{f.model} spent its whole max_tokens ({f.max_tokens}) thinking and gave no answer — "
+                    f"raise max_tokens for {f.name} in council.toml"
+                )
             else:
                 error = f"{f.model} returned an empty answer"
             kind = "empty"
         answer = FighterAnswer(
-            fighter=f.name, model=f.model, backend=f.backend, ok=not error, text=text if not error else "",
-            reasoning="".join(p.reasoning).strip(), error=error, error_kind=kind, started_at=p.started_at,
-            first_token_s=p.first_token_s, last_token_s=p.last_token_s, elapsed_s=self._clock() - t0,
-            tokens=p.tokens, finish_reason=p.finish_reason,
+            fighter=f.name,
+            model=f.model,
+            backend=f.backend,
+            ok=not error,
+            text=text if not error else "",
+            reasoning="".join(p.reasoning).strip(),
+            error=error,
+            error_kind=kind,
+            started_at=p.started_at,
+            first_token_s=p.first_token_s,
+            last_token_s=p.last_token_s,
+            elapsed_s=self._clock() - t0,
+            tokens=p.tokens,
+            finish_reason=p.finish_reason,
         )
         queue.put_nowait(FighterFinished(answer) if answer.ok else FighterFailed(answer))
 
@@ -245,9 +294,15 @@ class CouncilEngine:
         p.text.append(d.content)
         return d.content, at, d.reset
 
-    async def _synthesise(self, question: str, history: Sequence[Turn], context: Sequence[Passage],
-                          ok: Sequence[FighterAnswer], missing: Sequence[FighterAnswer],
-                          t0: float) -> AsyncIterator[Event]:
+    async def _synthesise(
+        self,
+        question: str,
+        history: Sequence[Turn],
+        context: Sequence[Passage],
+        ok: Sequence[FighterAnswer],
+        missing: Sequence[FighterAnswer],
+        t0: float,
+    ) -> AsyncIterator[Event]:
         synth = self.council.synthesizer
         roles = {f.name: f.role for f in self.council.fighters}
         messages = synthesis_messages(synth, question, history, context, ok, roles, missing)
@@ -258,13 +313,20 @@ class CouncilEngine:
         for i, (model, backend, is_fallback) in enumerate(attempts):
             last = i == len(attempts) - 1
             p = _Progress(started_at=self._clock() - t0)
-            yield SynthesisStarted(model=model, backend=backend, at=p.started_at, fallback=is_fallback,
-                                   missing=missing_names)
+            yield SynthesisStarted(
+                model=model, backend=backend, at=p.started_at, fallback=is_fallback, missing=missing_names
+            )
             error = ""
             try:
                 timeout = synth.timeout_s or self.client.backends[backend].total_timeout_s
-                stream = self.client.stream_chat(backend, model, messages, temperature=synth.temperature,
-                                                 max_tokens=synth.max_tokens, timeout_s=timeout)
+                stream = self.client.stream_chat(
+                    backend,
+                    model,
+                    messages,
+                    temperature=synth.temperature,
+                    max_tokens=synth.max_tokens,
+                    timeout_s=timeout,
+                )
                 async with aclosing(stream):
                     async for d in stream:
                         if piece := self._absorb(p, d, t0):
@@ -278,9 +340,16 @@ class CouncilEngine:
             if not error and not text:
                 error = f"{model} returned an empty synthesis"
             result = SynthesisResult(
-                ok=not error, text=text if not error else "", model=model, backend=backend, error=error,
-                used_fallback=is_fallback, first_token_s=p.first_token_s, last_token_s=p.last_token_s,
-                elapsed_s=self._clock() - t0, tokens=p.tokens,
+                ok=not error,
+                text=text if not error else "",
+                model=model,
+                backend=backend,
+                error=error,
+                used_fallback=is_fallback,
+                first_token_s=p.first_token_s,
+                last_token_s=p.last_token_s,
+                elapsed_s=self._clock() - t0,
+                tokens=p.tokens,
             )
             if result.ok:
                 yield SynthesisFinished(result)

@@ -442,9 +442,13 @@ class ShenronBot(commands.Bot):
             kb_error=self.kb_problem or None,
             extra={
                 "uptime_s": round(self.stats.uptime_s, 1),
-                "councils": {"served": self.stats.served, "failed": self.stats.failed,
-                             "interrupted": self.stats.interrupted, "running": self.queue.running,
-                             "queued": self.queue.queued},
+                "councils": {
+                    "served": self.stats.served,
+                    "failed": self.stats.failed,
+                    "interrupted": self.stats.interrupted,
+                    "running": self.queue.running,
+                    "queued": self.queue.queued,
+                },
                 "parallelism": {n: r.headline for n, r in self.parallelism.items()},
             },
         )

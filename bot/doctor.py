@@ -106,22 +106,34 @@ def check_env_file(path: Path, shown: str | None = None) -> Check:
     """The settings file: present? Open to other users? (It holds the token and the API keys.)"""
     shown = shown or str(path)
     if not path.exists():
-        return Check(shown, SKIP, f"not found in {Path.cwd()}; settings come from the environment only "
-                                  "(copy .env.example to .env to keep them in a file)")
+        return Check(
+            shown,
+            SKIP,
+            f"not found in {Path.cwd()}; settings come from the environment only "
+            "(copy .env.example to .env to keep them in a file)",
+        )
     if not path.is_file():
         return Check(shown, ERROR, "is not a file", "remove it or point --env-file at your settings file")
     mode = stat.S_IMODE(path.stat().st_mode)
     if os.name == "posix" and mode & 0o077:
         who = " and ".join(w for w, bits in (("group", 0o070), ("others", 0o007)) if mode & bits)
-        return Check(shown, WARN, f"is open to {who} (mode {mode:03o}) and it holds secrets",
-                     f"chmod 600 {shown}", {"mode": f"{mode:03o}"})
+        return Check(
+            shown,
+            WARN,
+            f"is open to {who} (mode {mode:03o}) and it holds secrets",
+            f"chmod 600 {shown}",
+            {"mode": f"{mode:03o}"},
+        )
     return Check(shown, OK, f"found, mode {mode:03o}", data={"mode": f"{mode:03o}"})
 
 
 def describe_settings(settings: Settings) -> Check:
     kb = "on" if settings.kb_enabled else "off"
-    health = (f"/health and /metrics on {settings.health_host}:{settings.health_port}" if settings.health_port
-              else "/health and /metrics off (HEALTH_PORT unset)")
+    health = (
+        f"/health and /metrics on {settings.health_host}:{settings.health_port}"
+        if settings.health_port
+        else "/health and /metrics off (HEALTH_PORT unset)"
+    )
     return Check("settings", OK, f"valid; knowledge base {kb}; {health}")
 
 
@@ -131,9 +143,11 @@ def check_council(settings: Settings, env: Mapping[str, str] | None) -> tuple[Ch
     except ConfigError as exc:
         return Check(exc.file, ERROR, f"{exc.key}: {exc.problem}", exc.fix), None
     backends = ", ".join(council.backends)
-    detail = (f"{len(council.fighters)} fighter{'s' if len(council.fighters) != 1 else ''} and the synthesizer "
-              f"{council.synthesizer.name} on {len(council.backends)} backend"
-              f"{'s' if len(council.backends) != 1 else ''} ({backends})")
+    detail = (
+        f"{len(council.fighters)} fighter{'s' if len(council.fighters) != 1 else ''} and the synthesizer "
+        f"{council.synthesizer.name} on {len(council.backends)} backend"
+        f"{'s' if len(council.backends) != 1 else ''} ({backends})"
+    )
     override = ((os.environ if env is None else env).get("LLM_BASE_URL") or "").strip()
     if override:
         detail += f"; LLM_BASE_URL points every backend at {override.rstrip('/')}"
@@ -160,12 +174,21 @@ def roster_on(council: CouncilConfig, backend: str) -> list[tuple[str, str]]:
 
 
 def _fix_unreachable(council: CouncilConfig, name: str) -> str:
-    return (f"start the server, or correct base_url in [backends.{name}] of {council.source} "
-            "(LLM_BASE_URL in .env overrides it)")
+    return (
+        f"start the server, or correct base_url in [backends.{name}] of {council.source} "
+        "(LLM_BASE_URL in .env overrides it)"
+    )
 
 
-async def check_backend(client: LLMClient, council: CouncilConfig, name: str, *, probe: bool,
-                        probe_timeout_s: float = PROBE_TIMEOUT_S, probe_tokens: int = 24) -> list[Check]:
+async def check_backend(
+    client: LLMClient,
+    council: CouncilConfig,
+    name: str,
+    *,
+    probe: bool,
+    probe_timeout_s: float = PROBE_TIMEOUT_S,
+    probe_tokens: int = 24,
+) -> list[Check]:
     """Reachable, key accepted, models served, parallelism: the lines for one backend."""
     b = council.backends[name]
     label = f"backend {name}"
@@ -175,26 +198,52 @@ async def check_backend(client: LLMClient, council: CouncilConfig, name: str, *,
         served = await client.list_models(name, timeout_s=MODELS_TIMEOUT_S)
     except AuthError as exc:
         ms = (time.perf_counter() - started) * 1000
-        checks.append(Check(label, OK, f"reachable at {b.base_url}, answered {exc.status} in {ms:.0f} ms",
-                            data={"latency_ms": round(ms, 1)}))
+        checks.append(
+            Check(
+                label,
+                OK,
+                f"reachable at {b.base_url}, answered {exc.status} in {ms:.0f} ms",
+                data={"latency_ms": round(ms, 1)},
+            )
+        )
         if b.api_key_env:
-            checks.append(Check(f"{label} API key", ERROR,
-                                f"rejected ({exc.status}: {exc.server_message or 'unauthorized'})",
-                                f"check {b.api_key_env} in .env: it must hold this server's key"))
+            checks.append(
+                Check(
+                    f"{label} API key",
+                    ERROR,
+                    f"rejected ({exc.status}: {exc.server_message or 'unauthorized'})",
+                    f"check {b.api_key_env} in .env: it must hold this server's key",
+                )
+            )
         else:
-            checks.append(Check(f"{label} API key", ERROR, f"the server wants a key ({exc.status})",
-                                f'put the key in .env and name its variable with api_key_env = "…" in '
-                                f"[backends.{name}] of {council.source}"))
+            checks.append(
+                Check(
+                    f"{label} API key",
+                    ERROR,
+                    f"the server wants a key ({exc.status})",
+                    f'put the key in .env and name its variable with api_key_env = "…" in '
+                    f"[backends.{name}] of {council.source}",
+                )
+            )
         return checks
     except HTTPStatusError as exc:
-        fix = ("make base_url end in /v1 (where /models and /chat/completions live)" if exc.status == 404
-               else "check the server's log")
+        fix = (
+            "make base_url end in /v1 (where /models and /chat/completions live)"
+            if exc.status == 404
+            else "check the server's log"
+        )
         return [Check(label, ERROR, str(exc), fix)]
     except LLMError as exc:
         return [Check(label, ERROR, str(exc), _fix_unreachable(council, name))]
     ms = (time.perf_counter() - started) * 1000
-    checks.append(Check(label, OK, f"reachable at {b.base_url}, /models answered in {ms:.0f} ms",
-                        data={"latency_ms": round(ms, 1), "models": served}))
+    checks.append(
+        Check(
+            label,
+            OK,
+            f"reachable at {b.base_url}, /models answered in {ms:.0f} ms",
+            data={"latency_ms": round(ms, 1), "models": served},
+        )
+    )
     if b.api_key_env:
         checks.append(Check(f"{label} API key", OK, f"accepted ({b.api_key_env})"))
 
@@ -202,19 +251,32 @@ async def check_backend(client: LLMClient, council: CouncilConfig, name: str, *,
     wanted = list(dict.fromkeys(model for _, model in users))
     missing = [(who, model) for who, model in users if not any(_same_model(model, m) for m in served)]
     if not served:
-        checks.append(Check(f"{label} models", WARN, "the server lists no models, so missing ones cannot be checked",
-                            "load the roster's models on the server"))
+        checks.append(
+            Check(
+                f"{label} models",
+                WARN,
+                "the server lists no models, so missing ones cannot be checked",
+                "load the roster's models on the server",
+            )
+        )
     elif missing:
         by_model: dict[str, list[str]] = {}
         for who, model in missing:
             by_model.setdefault(model, []).append(who)
-        said = "; ".join(f"{', '.join(who)} {'uses' if len(who) == 1 else 'use'} {model!r}"
-                         for model, who in by_model.items())
+        said = "; ".join(
+            f"{', '.join(who)} {'uses' if len(who) == 1 else 'use'} {model!r}" for model, who in by_model.items()
+        )
         listing = ", ".join(served[:15]) + (f" (+{len(served) - 15} more)" if len(served) > 15 else "")
-        checks.append(Check(f"{label} models", ERROR, f"not served: {said} (it serves: {listing})",
-                            f"load or download the model on the server (Ollama: ollama pull MODEL), or change "
-                            f"model in {council.source} (LLM_MODEL in .env sets one model for everyone)",
-                            {"missing": [who for who, _ in missing], "served": served}))
+        checks.append(
+            Check(
+                f"{label} models",
+                ERROR,
+                f"not served: {said} (it serves: {listing})",
+                f"load or download the model on the server (Ollama: ollama pull MODEL), or change "
+                f"model in {council.source} (LLM_MODEL in .env sets one model for everyone)",
+                {"missing": [who for who, _ in missing], "served": served},
+            )
+        )
     else:
         checks.append(Check(f"{label} models", OK, f"serves every roster model ({', '.join(wanted)})"))
 
@@ -226,8 +288,9 @@ async def check_backend(client: LLMClient, council: CouncilConfig, name: str, *,
     if plan is None or not models:
         checks.append(Check(f"{label} parallelism", SKIP, "not measured: no fighter's model is served here"))
         return checks
-    report = await probe_parallelism(client, name, models, plan.requests, probe_tokens, probe_timeout_s,
-                                     users=plan.users, config_file=council.source)
+    report = await probe_parallelism(
+        client, name, models, plan.requests, probe_tokens, probe_timeout_s, users=plan.users, config_file=council.source
+    )
     status = {"ok": OK, "warn": WARN, "error": ERROR}[report.status]
     detail = report.verdict
     if report.findings:
@@ -238,7 +301,7 @@ async def check_backend(client: LLMClient, council: CouncilConfig, name: str, *,
         detail += f"; max_concurrency = {b.max_concurrency} matches"
     fix = "; ".join(report.advice)
     if report.status == "error" and not fix:
-        fix = "make one request work first (shenron ask --fighters NAME \"hello\" shows the whole error)"
+        fix = 'make one request work first (shenron ask --fighters NAME "hello" shows the whole error)'
     checks.append(Check(f"{label} parallelism", status, detail, fix, report.to_dict()))
     return checks
 
@@ -246,8 +309,9 @@ async def check_backend(client: LLMClient, council: CouncilConfig, name: str, *,
 # --- knowledge base ----------------------------------------------------------------------------
 
 
-async def check_knowledge_base(settings: Settings, council: CouncilConfig | None,
-                               session: aiohttp.ClientSession) -> Check:
+async def check_knowledge_base(
+    settings: Settings, council: CouncilConfig | None, session: aiohttp.ClientSession
+) -> Check:
     name = "knowledge base"
     if not settings.kb_enabled:
         return Check(name, SKIP, "off (KB_ENABLED=false)")
@@ -256,27 +320,42 @@ async def check_knowledge_base(settings: Settings, council: CouncilConfig | None
     except ImportError as exc:
         if exc.name == "bot.knowledge":
             return Check(name, SKIP, "not part of this build")
-        return Check(name, WARN, f"cannot be loaded ({exc.__class__.__name__}: {exc})",
-                     "install the dependencies (uv sync), or set KB_ENABLED=false")
+        return Check(
+            name,
+            WARN,
+            f"cannot be loaded ({exc.__class__.__name__}: {exc})",
+            "install the dependencies (uv sync), or set KB_ENABLED=false",
+        )
     if settings.chroma_url is None and not settings.chroma_path.exists():
-        return Check(name, SKIP, f"empty: nothing has been added yet ({settings.chroma_path} does not exist); "
-                                 "add documents with shenron kb add PATH")
+        return Check(
+            name,
+            SKIP,
+            f"empty: nothing has been added yet ({settings.chroma_path} does not exist); "
+            "add documents with shenron kb add PATH",
+        )
     try:
         async with asyncio.timeout(KB_TIMEOUT_S):
-            kb = await KnowledgeBase.open(settings, session=session,
-                                          backends=council.backends if council else None)
+            kb = await KnowledgeBase.open(settings, session=session, backends=council.backends if council else None)
             try:
                 stats = await kb.stats()
             finally:
                 await kb.close()
     except TimeoutError:
-        return Check(name, WARN, f"did not open within {KB_TIMEOUT_S:g} s",
-                     "check CHROMA_URL / CHROMA_PATH and the embedder (shenron kb stats shows more)")
+        return Check(
+            name,
+            WARN,
+            f"did not open within {KB_TIMEOUT_S:g} s",
+            "check CHROMA_URL / CHROMA_PATH and the embedder (shenron kb stats shows more)",
+        )
     except ConfigError as exc:
         return Check(name, WARN, f"{exc.key}: {exc.problem}", exc.fix)
     except Exception as exc:  # the store is someone else's code: whatever it raises becomes a line
-        return Check(name, WARN, f"cannot be opened: {exc}",
-                     "follow the message above (shenron kb stats shows more), or set KB_ENABLED=false")
+        return Check(
+            name,
+            WARN,
+            f"cannot be opened: {exc}",
+            "follow the message above (shenron kb stats shows more), or set KB_ENABLED=false",
+        )
     return Check(name, OK, _describe_kb(stats), data=_kb_data(stats))
 
 
@@ -318,22 +397,24 @@ def check_discord_token(token: str | None, *, online: bool = False) -> Check:
     name = "Discord token"
     get = f"copy the bot token from the {PORTAL} and put DISCORD_TOKEN=<token> in .env"
     if not token:
-        return Check(name, WARN, "DISCORD_TOKEN is not set: shenron run needs it (ask and doctor work without it)",
-                     get)
+        return Check(name, WARN, "DISCORD_TOKEN is not set: shenron run needs it (ask and doctor work without it)", get)
     if token.lower().startswith("bot "):
         return Check(name, ERROR, "starts with 'Bot '", "put only the token in .env, without the 'Bot ' prefix")
     if any(c in token for c in "\"' \t"):
-        return Check(name, ERROR, "contains quotes or spaces",
-                     "write it as DISCORD_TOKEN=<token> with nothing around the token")
+        return Check(
+            name, ERROR, "contains quotes or spaces", "write it as DISCORD_TOKEN=<token> with nothing around the token"
+        )
     parts = token.split(".")
     if token.isdigit():
         return Check(name, ERROR, "is a number: that is the application or user ID, not the token", get)
     if len(parts) == 1 and len(token) == 32:
-        return Check(name, ERROR, "looks like the OAuth2 client secret (one part, 32 characters), not the bot token",
-                     get)
+        return Check(
+            name, ERROR, "looks like the OAuth2 client secret (one part, 32 characters), not the bot token", get
+        )
     if len(parts) != 3:
-        return Check(name, ERROR, f"has {len(parts)} dot-separated part{'s' if len(parts) != 1 else ''}; "
-                                  "a bot token has 3", get)
+        return Check(
+            name, ERROR, f"has {len(parts)} dot-separated part{'s' if len(parts) != 1 else ''}; a bot token has 3", get
+        )
     if not all(BASE64URL_RE.match(p) for p in parts):
         return Check(name, ERROR, "has characters a bot token never contains (only A–Z, a–z, 0–9, - and _)", get)
     if not TOKEN_RE.match(token):
@@ -345,8 +426,9 @@ def check_discord_token(token: str | None, *, online: bool = False) -> Check:
     return Check(name, OK, f"looks like a bot token for the bot with ID {bot_id}{tail}", data={"bot_id": bot_id})
 
 
-async def check_discord_online(session: aiohttp.ClientSession, token: str, *, api_base: str = DISCORD_API,
-                               timeout_s: float = DISCORD_TIMEOUT_S) -> Check:
+async def check_discord_online(
+    session: aiohttp.ClientSession, token: str, *, api_base: str = DISCORD_API, timeout_s: float = DISCORD_TIMEOUT_S
+) -> Check:
     """Ask Discord who the token belongs to (GET /users/@me). Network trouble is a warning, not a crash."""
     name = "Discord login"
     url = f"{api_base.rstrip('/')}/users/@me"
@@ -357,19 +439,31 @@ async def check_discord_online(session: aiohttp.ClientSession, token: str, *, ap
                 data = await resp.json(content_type=None)
                 user = data.get("username", "?") if isinstance(data, dict) else "?"
                 uid = data.get("id", "?") if isinstance(data, dict) else "?"
-                return Check(name, OK, f"Discord accepts the token: bot {user} (ID {uid})",
-                             data={"username": user, "id": uid})
+                return Check(
+                    name, OK, f"Discord accepts the token: bot {user} (ID {uid})", data={"username": user, "id": uid}
+                )
             if resp.status == 401:
-                return Check(name, ERROR, "Discord rejected the token (401 Unauthorized)",
-                             f"reset it in the {PORTAL} and paste the new one into .env as DISCORD_TOKEN")
+                return Check(
+                    name,
+                    ERROR,
+                    "Discord rejected the token (401 Unauthorized)",
+                    f"reset it in the {PORTAL} and paste the new one into .env as DISCORD_TOKEN",
+                )
             if resp.status == 429:
                 return Check(name, WARN, "Discord rate-limited the check (429)", "try again in a minute")
-            return Check(name, WARN, f"Discord answered {resp.status} {resp.reason or ''}".rstrip(),
-                         "try again later; https://discordstatus.com shows outages")
+            return Check(
+                name,
+                WARN,
+                f"Discord answered {resp.status} {resp.reason or ''}".rstrip(),
+                "try again later; https://discordstatus.com shows outages",
+            )
     except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-        return Check(name, WARN, f"could not reach {url.split('/api')[0]} ({exc.__class__.__name__}); "
-                                 "the token's shape was checked above",
-                     "check this machine's HTTPS access to discord.com, then run shenron doctor --online again")
+        return Check(
+            name,
+            WARN,
+            f"could not reach {url.split('/api')[0]} ({exc.__class__.__name__}); the token's shape was checked above",
+            "check this machine's HTTPS access to discord.com, then run shenron doctor --online again",
+        )
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -393,8 +487,13 @@ async def run_doctor(
     checks: list[Check] = []
 
     def add(check: Check) -> None:
-        check = Check(redactor.text(check.name), check.status, redactor.text(check.detail),
-                      redactor.text(check.fix), redactor.data(check.data))
+        check = Check(
+            redactor.text(check.name),
+            check.status,
+            redactor.text(check.detail),
+            redactor.text(check.fix),
+            redactor.data(check.data),
+        )
         checks.append(check)
         emit(check)
 
@@ -462,8 +561,10 @@ class _Printer:
 
     def summary(self, checks: Sequence[Check]) -> None:
         counts = {s: sum(1 for c in checks if c.status == s) for s in (OK, WARN, ERROR)}
-        line = (f"{counts[OK]} ok, {counts[WARN]} warning{'s' if counts[WARN] != 1 else ''}, "
-                f"{counts[ERROR]} error{'s' if counts[ERROR] != 1 else ''}")
+        line = (
+            f"{counts[OK]} ok, {counts[WARN]} warning{'s' if counts[WARN] != 1 else ''}, "
+            f"{counts[ERROR]} error{'s' if counts[ERROR] != 1 else ''}"
+        )
         if self.console is None:
             print(line, file=self.stream, flush=True)
         else:
@@ -476,8 +577,13 @@ async def cmd_doctor(args: argparse.Namespace, settings: Settings | None, counci
     printer = None if args.json else _Printer()
     redactor = Redactor([os.environ.get("DISCORD_TOKEN")])
     checks = await run_doctor(
-        env_file=Path(args.env_file), env_file_shown=args.env_file, settings=settings, online=args.online,
-        probe=not args.skip_probe, emit=printer or (lambda c: None), redactor=redactor,
+        env_file=Path(args.env_file),
+        env_file_shown=args.env_file,
+        settings=settings,
+        online=args.online,
+        probe=not args.skip_probe,
+        emit=printer or (lambda c: None),
+        redactor=redactor,
     )
     code = exit_code(checks)
     if printer is not None:
@@ -491,15 +597,21 @@ async def cmd_doctor(args: argparse.Namespace, settings: Settings | None, counci
 
 def add_doctor_command(subparsers: Any) -> None:
     doctor = subparsers.add_parser(
-        "doctor", help="check settings, backends, parallelism, knowledge base and the Discord token",
+        "doctor",
+        help="check settings, backends, parallelism, knowledge base and the Discord token",
         description="Check everything SHENRON depends on and say how to fix what is wrong. "
-                    "Exit status: 0 all fine, 1 warnings, 2 errors.")
+        "Exit status: 0 all fine, 1 warnings, 2 errors.",
+    )
     doctor.add_argument("--json", action="store_true", help="print one JSON document (for scripts)")
-    doctor.add_argument("--online", action="store_true",
-                        help="also ask Discord whether it accepts the token (needs network)")
-    doctor.add_argument("--skip-probe", action="store_true",
-                        help="do not measure how many requests each backend runs at once "
-                             "(the probe generates a few hundred tokens per model)")
+    doctor.add_argument(
+        "--online", action="store_true", help="also ask Discord whether it accepts the token (needs network)"
+    )
+    doctor.add_argument(
+        "--skip-probe",
+        action="store_true",
+        help="do not measure how many requests each backend runs at once "
+        "(the probe generates a few hundred tokens per model)",
+    )
     # needs_council=False: a broken roster is one of the things doctor reports, not a reason to stop.
     # settings_optional: with the CLI change proposed alongside, a bad .env value becomes a ✗ line too.
     doctor.set_defaults(func=cmd_doctor, needs_council=False, settings_optional=True)

@@ -40,8 +40,11 @@ Command = Callable[[argparse.Namespace, Settings, Any], Awaitable[int]]
 
 
 def add_kb_commands(subparsers: Any) -> None:
-    kb = subparsers.add_parser("kb", help="manage the knowledge base (documents the council can cite)",
-                               description="Manage the knowledge base the council searches for context.")
+    kb = subparsers.add_parser(
+        "kb",
+        help="manage the knowledge base (documents the council can cite)",
+        description="Manage the knowledge base the council searches for context.",
+    )
     sub = kb.add_subparsers(dest="kb_command", metavar="KB_COMMAND", required=True)
 
     add = sub.add_parser("add", help="add files and folders (Markdown, text, HTML, PDF)")
@@ -51,8 +54,12 @@ def add_kb_commands(subparsers: Any) -> None:
     search = sub.add_parser("search", help="show the passages a question would retrieve")
     search.add_argument("query", nargs="+", help="the question (quote it)")
     search.add_argument("-k", type=int, metavar="N", help="how many passages at most (default: KB_TOP_K)")
-    search.add_argument("--min-score", type=float, metavar="S",
-                        help="lowest similarity 0..1 to show (default: KB_MIN_SCORE; 0 shows all)")
+    search.add_argument(
+        "--min-score",
+        type=float,
+        metavar="S",
+        help="lowest similarity 0..1 to show (default: KB_MIN_SCORE; 0 shows all)",
+    )
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     search.set_defaults(func=_guarded(cmd_search))
 
@@ -95,8 +102,7 @@ async def _open(settings: Settings, extra: Any, *, check_embedder: bool = True) 
     backends = None
     if settings.kb_embedder.startswith("openai:"):
         backends = (council or load_council(settings.council_path)).backends
-    return await KnowledgeBase.open(settings, session=session, backends=backends,
-                                    check_embedder=check_embedder)
+    return await KnowledgeBase.open(settings, session=session, backends=backends, check_embedder=check_embedder)
 
 
 def _error(text: str) -> None:
@@ -116,8 +122,15 @@ async def cmd_add(args: argparse.Namespace, settings: Settings, extra: Any = Non
     console = _console(args)
     kb = await _open(settings, extra)
     try:
-        with Progress(TextColumn("[bold]Adding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.description}"), console=console, transient=True) as bar:
+        with Progress(
+            TextColumn("[bold]Adding"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=console,
+            transient=True,
+        ) as bar:
             task = bar.add_task("finding files…", total=None)
 
             def show(p: IngestProgress) -> None:
@@ -125,8 +138,9 @@ async def cmd_add(args: argparse.Namespace, settings: Settings, extra: Any = Non
                 if p.outcome.status != "unchanged":
                     style = _STATUS_STYLE[p.outcome.status]
                     detail = p.outcome.reason or f"{p.outcome.chunks} chunks"
-                    bar.console.print(f"[{style}]{p.outcome.status:>9}[/] {escape(p.outcome.source)} "
-                                      f"[dim]({escape(detail)})[/]")
+                    bar.console.print(
+                        f"[{style}]{p.outcome.status:>9}[/] {escape(p.outcome.source)} [dim]({escape(detail)})[/]"
+                    )
 
             report = await kb.add_paths(args.paths, progress=show)
     finally:
@@ -157,6 +171,7 @@ def _summary(report: IngestReport) -> Table:
 
 # --- search ------------------------------------------------------------------------------------
 
+
 async def cmd_search(args: argparse.Namespace, settings: Settings, extra: Any = None) -> int:
     query = " ".join(args.query).strip()
     console = _console(args)
@@ -173,8 +188,10 @@ async def cmd_search(args: argparse.Namespace, settings: Settings, extra: Any = 
         return EXIT_OK
     if not passages:
         threshold = settings.kb_min_score if args.min_score is None else args.min_score
-        console.print(f"No passage scores {threshold:g} or more for this question "
-                      "(try --min-score 0 to see the closest ones anyway).")
+        console.print(
+            f"No passage scores {threshold:g} or more for this question "
+            "(try --min-score 0 to see the closest ones anyway)."
+        )
         return EXIT_OK
     table = Table(title=f"Passages for: {escape(query)}", title_justify="left")
     table.add_column("score", justify="right")
@@ -182,13 +199,14 @@ async def cmd_search(args: argparse.Namespace, settings: Settings, extra: Any = 
     table.add_column("text")
     for p in passages:
         excerpt = " ".join(p.text.split())
-        excerpt = excerpt if len(excerpt) <= EXCERPT_CHARS else excerpt[:EXCERPT_CHARS - 1] + "…"
+        excerpt = excerpt if len(excerpt) <= EXCERPT_CHARS else excerpt[: EXCERPT_CHARS - 1] + "…"
         table.add_row(f"{p.score:.2f}", escape(p.label), escape(excerpt))
     console.print(table)
     return EXIT_OK
 
 
 # --- list, remove, stats -----------------------------------------------------------------------
+
 
 async def cmd_list(args: argparse.Namespace, settings: Settings, extra: Any = None) -> int:
     kb = await _open(settings, extra)
@@ -203,8 +221,9 @@ async def cmd_list(args: argparse.Namespace, settings: Settings, extra: Any = No
     if not sources:
         console.print("The knowledge base is empty. Add documents with: shenron kb add PATH…")
         return EXIT_OK
-    table = Table(title=f"Knowledge base {escape(settings.kb_collection)}: {len(sources)} documents",
-                  title_justify="left")
+    table = Table(
+        title=f"Knowledge base {escape(settings.kb_collection)}: {len(sources)} documents", title_justify="left"
+    )
     table.add_column("source", overflow="fold")
     table.add_column("title")
     table.add_column("kind")
@@ -225,8 +244,10 @@ async def cmd_remove(args: argparse.Namespace, settings: Settings, extra: Any = 
     finally:
         await kb.close()
     if not removed:
-        _error(f"no document named {args.source!r} in the knowledge base. "
-               "Fix: use a source exactly as `shenron kb list` shows it")
+        _error(
+            f"no document named {args.source!r} in the knowledge base. "
+            "Fix: use a source exactly as `shenron kb list` shows it"
+        )
         return EXIT_FAILED
     console.print(f"Removed {escape(args.source)} ({removed} chunks).")
     return EXIT_OK
@@ -239,8 +260,12 @@ async def cmd_stats(args: argparse.Namespace, settings: Settings, extra: Any = N
         documents = len(await kb.list_sources())
     finally:
         await kb.close()
-    figures = asdict(stats) | {"documents": documents, "enabled": settings.kb_enabled,
-                               "top_k": settings.kb_top_k, "min_score": settings.kb_min_score}
+    figures = asdict(stats) | {
+        "documents": documents,
+        "enabled": settings.kb_enabled,
+        "top_k": settings.kb_top_k,
+        "min_score": settings.kb_min_score,
+    }
     if args.json:
         print(json.dumps(figures, indent=2))
         return EXIT_OK
@@ -258,12 +283,20 @@ async def cmd_rebuild(args: argparse.Namespace, settings: Settings, extra: Any =
     kb = await _open(settings, extra, check_embedder=False)
     try:
         before = kb.store.embedder
-        with Progress(TextColumn("[bold]Re-embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
+        with Progress(
+            TextColumn("[bold]Re-embedding"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
             task = bar.add_task("", total=None)
             done = await kb.rebuild(lambda n, total: bar.update(task, completed=n, total=total))
     finally:
         await kb.close()
-    console.print(f"Rebuilt collection {escape(settings.kb_collection)}: {done} chunks re-embedded "
-                  f"({escape(before or 'unknown')} → {escape(kb.embedder.identity)}).")
+    console.print(
+        f"Rebuilt collection {escape(settings.kb_collection)}: {done} chunks re-embedded "
+        f"({escape(before or 'unknown')} → {escape(kb.embedder.identity)})."
+    )
     return EXIT_OK

@@ -13,8 +13,9 @@ from bot.events import Passage
 log = logging.getLogger(__name__)
 
 
-async def retrieve_context(settings: Settings, council: CouncilConfig, session: aiohttp.ClientSession,
-                           question: str, console: Any = None) -> list[Passage]:
+async def retrieve_context(
+    settings: Settings, council: CouncilConfig, session: aiohttp.ClientSession, question: str, console: Any = None
+) -> list[Passage]:
     """Passages for the question, or [] when the knowledge base is off, empty or unavailable."""
     if not settings.kb_enabled:
         return []

@@ -168,7 +168,7 @@ class ThinkSplitter:
                     break
                 if stripped.startswith(self.OPEN):
                     self._state = "think"
-                    buf = stripped[len(self.OPEN):]
+                    buf = stripped[len(self.OPEN) :]
                     continue
                 if self.OPEN.startswith(stripped):  # maybe the tag is still arriving
                     self._pending = buf
@@ -179,12 +179,12 @@ class ThinkSplitter:
                 idx = buf.find(self.CLOSE)
                 if idx >= 0:
                     out_reason.append(buf[:idx])
-                    buf = buf[idx + len(self.CLOSE):].lstrip("\n")
+                    buf = buf[idx + len(self.CLOSE) :].lstrip("\n")
                     self._state, self._seen_close = "answer", True
                     continue
                 keep = _partial_suffix(buf, self.CLOSE)
                 out_reason.append(buf[: len(buf) - keep])
-                self._pending = buf[len(buf) - keep:]
+                self._pending = buf[len(buf) - keep :]
                 break
             # answer
             if self._seen_close:
@@ -197,12 +197,12 @@ class ThinkSplitter:
                 self.answer.clear()
                 out_answer.clear()
                 reset = True
-                buf = buf[idx + len(self.CLOSE):].lstrip("\n")
+                buf = buf[idx + len(self.CLOSE) :].lstrip("\n")
                 self._seen_close = True
                 continue
             keep = _partial_suffix(buf, self.CLOSE)
             out_answer.append(buf[: len(buf) - keep])
-            self._pending = buf[len(buf) - keep:]
+            self._pending = buf[len(buf) - keep :]
             break
         a, r = "".join(out_answer), "".join(out_reason)
         if reset:
@@ -276,8 +276,10 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 
 def _looks_like_missing_model(status: int, message: str) -> bool:
     low = message.lower()
-    return status in (400, 404) and "model" in low and (
-        "not found" in low or "does not exist" in low or "not loaded" in low or "no such" in low
+    return (
+        status in (400, 404)
+        and "model" in low
+        and ("not found" in low or "does not exist" in low or "not loaded" in low or "no such" in low)
     )
 
 
@@ -303,8 +305,10 @@ class LLMClient:
 
     def _unreachable(self, b: Backend, exc: BaseException, model: str = "") -> LLMError:
         cause = getattr(exc, "os_error", None) or exc
-        if isinstance(cause, socket.gaierror) or "Name or service not known" in str(exc) or (
-            isinstance(exc, aiohttp.ClientConnectorDNSError)
+        if (
+            isinstance(cause, socket.gaierror)
+            or "Name or service not known" in str(exc)
+            or (isinstance(exc, aiohttp.ClientConnectorDNSError))
         ):
             msg = f"backend {b.name}: the name in {b.base_url} could not be resolved — check the host name"
         elif isinstance(cause, ConnectionRefusedError) or "Connect call failed" in str(exc):
@@ -320,10 +324,18 @@ class LLMClient:
         message = _redact(b, _server_message(body))
         status = resp.status
         if status in (401, 403):
-            hint = (f"check {b.api_key_env} in .env" if b.api_key_env
-                    else f"the server wants a key: set api_key_env for [backends.{b.name}] in council.toml")
-            return AuthError(f"backend {b.name} rejected the API key ({status}: {message}) — {hint}",
-                             status=status, server_message=message, backend=b.name, model=model)
+            hint = (
+                f"check {b.api_key_env} in .env"
+                if b.api_key_env
+                else f"the server wants a key: set api_key_env for [backends.{b.name}] in council.toml"
+            )
+            return AuthError(
+                f"backend {b.name} rejected the API key ({status}: {message}) — {hint}",
+                status=status,
+                server_message=message,
+                backend=b.name,
+                model=model,
+            )
         if status == 404 or _looks_like_missing_model(status, message):
             try:
                 available = await self.list_models(b.name, timeout_s=min(5.0, b.connect_timeout_s * 2))
@@ -332,24 +344,44 @@ class LLMClient:
             if status == 404 and not available and not _looks_like_missing_model(status, message):
                 return HTTPStatusError(
                     f"backend {b.name} answered 404 at {b.base_url}/chat/completions — does base_url end in /v1?",
-                    status=status, server_message=message, backend=b.name, model=model)
+                    status=status,
+                    server_message=message,
+                    backend=b.name,
+                    model=model,
+                )
             served = ", ".join(available[:15]) if available else "none listed"
             return ModelNotFound(
                 f"backend {b.name} does not serve model {model!r} (it serves: {served}) — "
                 f"load it on the server or change the model in council.toml",
-                available=available, status=status, server_message=message, backend=b.name, model=model)
+                available=available,
+                status=status,
+                server_message=message,
+                backend=b.name,
+                model=model,
+            )
         if status in (429, 503):
-            return Overloaded(f"backend {b.name} is busy ({status}: {message}) and kept refusing after retries",
-                              retry_after=_retry_after(resp.headers), status=status,
-                              server_message=message, backend=b.name, model=model)
-        return HTTPStatusError(f"backend {b.name} answered {status}: {message or resp.reason}",
-                               status=status, server_message=message, backend=b.name, model=model)
+            return Overloaded(
+                f"backend {b.name} is busy ({status}: {message}) and kept refusing after retries",
+                retry_after=_retry_after(resp.headers),
+                status=status,
+                server_message=message,
+                backend=b.name,
+                model=model,
+            )
+        return HTTPStatusError(
+            f"backend {b.name} answered {status}: {message or resp.reason}",
+            status=status,
+            server_message=message,
+            backend=b.name,
+            model=model,
+        )
 
     async def list_models(self, backend: str, *, timeout_s: float | None = None) -> list[str]:
         """What ``GET /models`` says the backend serves."""
         b = self.backend(backend)
-        timeout = aiohttp.ClientTimeout(total=timeout_s or max(b.connect_timeout_s * 2, 10.0),
-                                        sock_connect=b.connect_timeout_s)
+        timeout = aiohttp.ClientTimeout(
+            total=timeout_s or max(b.connect_timeout_s * 2, 10.0), sock_connect=b.connect_timeout_s
+        )
         try:
             async with self.session.get(f"{b.base_url}/models", headers=self._headers(b), timeout=timeout) as resp:
                 if resp.status != 200:
@@ -359,8 +391,12 @@ class LLMClient:
                 except ValueError:
                     raise MalformedChunk(f"backend {b.name}: /models did not return JSON", backend=b.name) from None
         except TimeoutError:
-            raise LLMTimeout(f"backend {b.name} did not list its models within {timeout.total:g} s",
-                             phase="total", seconds=timeout.total or 0, backend=b.name) from None
+            raise LLMTimeout(
+                f"backend {b.name} did not list its models within {timeout.total:g} s",
+                phase="total",
+                seconds=timeout.total or 0,
+                backend=b.name,
+            ) from None
         except aiohttp.ClientConnectionError as exc:
             raise self._unreachable(b, exc) from None
         items = data.get("data", data.get("models", [])) if isinstance(data, dict) else data
@@ -408,8 +444,13 @@ class LLMClient:
             payload.update(extra)
 
         def total_timeout() -> LLMTimeout:
-            return LLMTimeout(f"{model} on backend {b.name} did not finish within {total_s:g} s",
-                              phase="total", seconds=total_s, backend=b.name, model=model)
+            return LLMTimeout(
+                f"{model} on backend {b.name} did not finish within {total_s:g} s",
+                phase="total",
+                seconds=total_s,
+                backend=b.name,
+                model=model,
+            )
 
         try:
             async with asyncio.timeout_at(deadline):
@@ -435,17 +476,21 @@ class LLMClient:
             self._slots[backend].release()
 
     @staticmethod
-    def _first_token_timeout(b: Backend, model: str, limit: float, deadline: float,
-                             total_timeout: Any) -> LLMTimeout:
+    def _first_token_timeout(b: Backend, model: str, limit: float, deadline: float, total_timeout: Any) -> LLMTimeout:
         if limit >= deadline:
             return total_timeout()
         return LLMTimeout(
             f"{model} on backend {b.name} sent no token for {b.first_token_timeout_s:g} s — "
             "the server may be loading the model or queueing requests",
-            phase="first_token", seconds=b.first_token_timeout_s, backend=b.name, model=model)
+            phase="first_token",
+            seconds=b.first_token_timeout_s,
+            backend=b.name,
+            model=model,
+        )
 
-    async def _open_stream(self, b: Backend, model: str, payload: dict[str, Any], deadline: float,
-                           total_timeout: Any) -> tuple[aiohttp.ClientResponse, float]:
+    async def _open_stream(
+        self, b: Backend, model: str, payload: dict[str, Any], deadline: float, total_timeout: Any
+    ) -> tuple[aiohttp.ClientResponse, float]:
         """POST the request, retrying only while nothing has been received."""
         loop = asyncio.get_running_loop()
         url = f"{b.base_url}/chat/completions"
@@ -463,7 +508,11 @@ class LLMClient:
                 error = LLMTimeout(
                     f"backend {b.name} at {b.base_url} did not accept a connection within "
                     f"{b.connect_timeout_s:g} s — is the host up and the port right?",
-                    phase="connect", seconds=b.connect_timeout_s, backend=b.name, model=model)
+                    phase="connect",
+                    seconds=b.connect_timeout_s,
+                    backend=b.name,
+                    model=model,
+                )
                 retry_in = self._backoff(attempt)
             except TimeoutError:
                 raise self._first_token_timeout(b, model, first_token_deadline, deadline, total_timeout) from None
@@ -484,8 +533,11 @@ class LLMClient:
                 finally:
                     resp.release()
                 if isinstance(error, Overloaded):
-                    retry_in = min(error.retry_after, MAX_RETRY_AFTER_S) if error.retry_after is not None \
+                    retry_in = (
+                        min(error.retry_after, MAX_RETRY_AFTER_S)
+                        if error.retry_after is not None
                         else self._backoff(attempt)
+                    )
             if retry_in is None or attempt >= b.max_retries or loop.time() + retry_in >= deadline:
                 raise error
             attempt += 1
@@ -496,8 +548,15 @@ class LLMClient:
     def _backoff(attempt: int) -> float:
         return 0.25 * (2**attempt) * (0.5 + random.random())
 
-    async def _read_stream(self, b: Backend, model: str, resp: aiohttp.ClientResponse, first_deadline: float,
-                           deadline: float, total_timeout: Any) -> AsyncIterator[Delta]:
+    async def _read_stream(
+        self,
+        b: Backend,
+        model: str,
+        resp: aiohttp.ClientResponse,
+        first_deadline: float,
+        deadline: float,
+        total_timeout: Any,
+    ) -> AsyncIterator[Delta]:
         """Parse the SSE stream. Everything that arrived in one read becomes one Delta: under load
         that batches frames and keeps the per-token cost down."""
         loop = asyncio.get_running_loop()
@@ -520,8 +579,9 @@ class LLMClient:
             resp.close()
 
         def bad(what: str) -> MalformedChunk:
-            return MalformedChunk(f"{model} on backend {b.name} sent a malformed chunk: {what}",
-                                  backend=b.name, model=model)
+            return MalformedChunk(
+                f"{model} on backend {b.name} sent a malformed chunk: {what}", backend=b.name, model=model
+            )
 
         timer = loop.call_at(first_deadline, fire, first_deadline)
         try:
@@ -531,8 +591,11 @@ class LLMClient:
                 except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                     if expired:
                         raise self._first_token_timeout(b, model, expired[0], deadline, total_timeout) from None
-                    raise IncompleteStream(f"{model} on backend {b.name}: the connection broke mid-answer ({exc})",
-                                           backend=b.name, model=model) from None
+                    raise IncompleteStream(
+                        f"{model} on backend {b.name}: the connection broke mid-answer ({exc})",
+                        backend=b.name,
+                        model=model,
+                    ) from None
                 if not chunk:
                     if expired:
                         raise self._first_token_timeout(b, model, expired[0], deadline, total_timeout)
@@ -565,7 +628,9 @@ class LLMClient:
                         msg = _redact(b, err.get("message", str(err)) if isinstance(err, dict) else str(err))
                         raise StreamError(
                             f"{model} on backend {b.name} reported an error mid-answer: {msg[:MAX_ERROR_CHARS]}",
-                            backend=b.name, model=model)
+                            backend=b.name,
+                            model=model,
+                        )
                     usage = obj.get("usage")
                     if usage and isinstance(usage, dict):
                         prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
@@ -613,9 +678,16 @@ class LLMClient:
         if not done and finish_reason is None:
             raise IncompleteStream(
                 f"{model} on backend {b.name} stopped mid-answer (the stream ended without [DONE])",
-                backend=b.name, model=model)
+                backend=b.name,
+                model=model,
+            )
         answer, reasoning = splitter.flush()
         if answer or reasoning:
             yield Delta(content=answer, reasoning=reasoning, pieces=0)
-        yield Delta(done=True, pieces=0, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens)
+        yield Delta(
+            done=True,
+            pieces=0,
+            finish_reason=finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )

@@ -71,32 +71,71 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r, ns = self.registry, namespace
         self.councils_started = Counter("councils_started", "Council rounds started", namespace=ns, registry=r)
-        self.councils = Counter("councils", "Council rounds finished, by outcome (ok, partial, failed, interrupted)",
-                                ["outcome"], namespace=ns, registry=r)
-        self.council_wall = Histogram("council_wall_seconds", "Wall time of a finished council round",
-                                      namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
+        self.councils = Counter(
+            "councils",
+            "Council rounds finished, by outcome (ok, partial, failed, interrupted)",
+            ["outcome"],
+            namespace=ns,
+            registry=r,
+        )
+        self.council_wall = Histogram(
+            "council_wall_seconds",
+            "Wall time of a finished council round",
+            namespace=ns,
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
         self.in_flight = Gauge("councils_in_flight", "Council rounds running now", namespace=ns, registry=r)
-        self.queue_length = Gauge("council_queue_length", "Council rounds waiting for a seat",
-                                  namespace=ns, registry=r)
+        self.queue_length = Gauge("council_queue_length", "Council rounds waiting for a seat", namespace=ns, registry=r)
         self.fighter_latency = Histogram(
-            "fighter_latency_seconds", "From a fighter's request to its last token, answered fighters only",
-            ["fighter", "backend"], namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
+            "fighter_latency_seconds",
+            "From a fighter's request to its last token, answered fighters only",
+            ["fighter", "backend"],
+            namespace=ns,
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
         self.first_token = Histogram(
-            "fighter_first_token_seconds", "From a fighter's request to its first token (queueing and loading count)",
-            ["fighter", "backend"], namespace=ns, registry=r, buckets=FIRST_TOKEN_BUCKETS)
-        self.tokens = Counter("tokens", "Completion tokens generated (fighter=\"synthesis\" for the synthesizer)",
-                              ["fighter", "backend"], namespace=ns, registry=r)
-        self.answers = Counter("fighter_answers", "Fighter results, by outcome (ok, error)",
-                               ["fighter", "backend", "outcome"], namespace=ns, registry=r)
-        self.errors = Counter("errors", "Failures by cause: a fighter's error_kind (connect, timeout, http_401, "
-                                        "model_not_found, …) or synthesis_failed", ["fighter", "backend", "kind"],
-                              namespace=ns, registry=r)
-        self.kb_queries = Counter("kb_queries", "Knowledge-base searches, by outcome (ok, error)",
-                                  ["outcome"], namespace=ns, registry=r)
+            "fighter_first_token_seconds",
+            "From a fighter's request to its first token (queueing and loading count)",
+            ["fighter", "backend"],
+            namespace=ns,
+            registry=r,
+            buckets=FIRST_TOKEN_BUCKETS,
+        )
+        self.tokens = Counter(
+            "tokens",
+            'Completion tokens generated (fighter="synthesis" for the synthesizer)',
+            ["fighter", "backend"],
+            namespace=ns,
+            registry=r,
+        )
+        self.answers = Counter(
+            "fighter_answers",
+            "Fighter results, by outcome (ok, error)",
+            ["fighter", "backend", "outcome"],
+            namespace=ns,
+            registry=r,
+        )
+        self.errors = Counter(
+            "errors",
+            "Failures by cause: a fighter's error_kind (connect, timeout, http_401, "
+            "model_not_found, …) or synthesis_failed",
+            ["fighter", "backend", "kind"],
+            namespace=ns,
+            registry=r,
+        )
+        self.kb_queries = Counter(
+            "kb_queries", "Knowledge-base searches, by outcome (ok, error)", ["outcome"], namespace=ns, registry=r
+        )
         self.kb_passages = Counter("kb_passages", "Passages the knowledge base returned", namespace=ns, registry=r)
         self.backend_parallel = Gauge(
-            "backend_parallel_requests", "Requests the backend was measured to run at once (0: not measured)",
-            ["backend"], namespace=ns, registry=r)
+            "backend_parallel_requests",
+            "Requests the backend was measured to run at once (0: not measured)",
+            ["backend"],
+            namespace=ns,
+            registry=r,
+        )
         for outcome in OUTCOMES:  # present from the start, so rate() works on the first round
             self.councils.labels(outcome)
         for outcome in ("ok", "error"):
@@ -234,8 +273,12 @@ def summarise_health(
         "status": status,
         "reasons": reasons,
         "backends": [
-            {"name": getattr(b, "name", "?"), "reachable": bool(getattr(b, "reachable", False)),
-             "latency_s": getattr(b, "latency_s", None), "missing": list(getattr(b, "missing", ()))}
+            {
+                "name": getattr(b, "name", "?"),
+                "reachable": bool(getattr(b, "reachable", False)),
+                "latency_s": getattr(b, "latency_s", None),
+                "missing": list(getattr(b, "missing", ())),
+            }
             for b in items
         ],
     }
@@ -297,8 +340,9 @@ def make_app(metrics: Metrics, health: Callable[[], Awaitable[dict[str, Any]]]) 
     return app
 
 
-async def start_monitoring(settings: Settings, metrics: Metrics,
-                           health: Callable[[], Awaitable[dict[str, Any]]]) -> MonitoringServer | None:
+async def start_monitoring(
+    settings: Settings, metrics: Metrics, health: Callable[[], Awaitable[dict[str, Any]]]
+) -> MonitoringServer | None:
     """Serve /health and /metrics on HEALTH_HOST:HEALTH_PORT; None (and nothing started) when HEALTH_PORT is unset.
 
     Port 0 picks a free port (tests); the server's ``port`` says which.
@@ -312,10 +356,12 @@ async def start_monitoring(settings: Settings, metrics: Metrics,
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise ConfigError(".env", "HEALTH_PORT",
-                          f"cannot listen on {settings.health_host}:{settings.health_port} ({exc.strerror or exc})",
-                          "choose a free port (and a HEALTH_HOST this machine has), or remove HEALTH_PORT "
-                          "to turn monitoring off") from None
+        raise ConfigError(
+            ".env",
+            "HEALTH_PORT",
+            f"cannot listen on {settings.health_host}:{settings.health_port} ({exc.strerror or exc})",
+            "choose a free port (and a HEALTH_HOST this machine has), or remove HEALTH_PORT to turn monitoring off",
+        ) from None
     port = runner.addresses[0][1] if runner.addresses else settings.health_port
     log.info("monitoring on http://%s:%s (/health, /metrics)", settings.health_host, port)
     return MonitoringServer(runner, settings.health_host, port)

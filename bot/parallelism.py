@@ -51,8 +51,13 @@ MIXED = "mixed models"  # the label of the round that interleaves the models
 
 # Where each server keeps its parallelism setting, recognised by its default port.
 SERVERS_BY_PORT = {11434: "ollama", 1234: "lmstudio", 8080: "llama.cpp", 8000: "vllm"}
-SERVER_NAMES = {"ollama": "Ollama", "lmstudio": "LM Studio", "llama.cpp": "llama.cpp llama-server",
-                "vllm": "vLLM", "unknown": "the server"}
+SERVER_NAMES = {
+    "ollama": "Ollama",
+    "lmstudio": "LM Studio",
+    "llama.cpp": "llama.cpp llama-server",
+    "vllm": "vLLM",
+    "unknown": "the server",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,23 +141,44 @@ class ParallelismReport:
     def to_dict(self) -> dict[str, Any]:
         def round_dict(r: ProbeRound) -> dict[str, Any]:
             return {
-                "label": r.label, "models": list(r.models), "wall_s": round(r.wall_s, 3),
-                "overlap": round(r.overlap, 2), "peak": r.peak, "at_once": r.at_once,
+                "label": r.label,
+                "models": list(r.models),
+                "wall_s": round(r.wall_s, 3),
+                "overlap": round(r.overlap, 2),
+                "peak": r.peak,
+                "at_once": r.at_once,
                 "first_token_spread_s": None if r.first_token_spread_s is None else round(r.first_token_spread_s, 3),
                 "waited": r.waited,
-                "requests": [{"model": s.model, "first_token_s": _r3(s.first_token_s),
-                              "last_token_s": _r3(s.last_token_s), "pieces": s.pieces,
-                              "error": s.error, "error_kind": s.error_kind} for s in r.samples],
+                "requests": [
+                    {
+                        "model": s.model,
+                        "first_token_s": _r3(s.first_token_s),
+                        "last_token_s": _r3(s.last_token_s),
+                        "pieces": s.pieces,
+                        "error": s.error,
+                        "error_kind": s.error_kind,
+                    }
+                    for s in r.samples
+                ],
             }
 
         return {
-            "backend": self.backend, "base_url": self.base_url, "server": self.server,
-            "requested": self.requested, "max_concurrency": self.max_concurrency,
-            "at_once": self.at_once, "overlap": round(self.overlap, 2),
-            "first_token_spread_s": _r3(self.first_token_spread_s), "waited": self.waited,
-            "matches_config": self.matches_config, "swaps_models": self.swaps_models,
-            "status": self.status, "verdict": self.verdict, "findings": list(self.findings),
-            "advice": list(self.advice), "error": self.error,
+            "backend": self.backend,
+            "base_url": self.base_url,
+            "server": self.server,
+            "requested": self.requested,
+            "max_concurrency": self.max_concurrency,
+            "at_once": self.at_once,
+            "overlap": round(self.overlap, 2),
+            "first_token_spread_s": _r3(self.first_token_spread_s),
+            "waited": self.waited,
+            "matches_config": self.matches_config,
+            "swaps_models": self.swaps_models,
+            "status": self.status,
+            "verdict": self.verdict,
+            "findings": list(self.findings),
+            "advice": list(self.advice),
+            "error": self.error,
             "rounds": [round_dict(r) for r in self.rounds],
         }
 
@@ -200,12 +226,27 @@ def analyse_round(label: str, models: Sequence[str], samples: Sequence[Sample], 
     firsts = [s.first_token_s for s in ok if s.first_token_s is not None]
     spread = max(firsts) - min(firsts) if len(firsts) >= 2 else None
     waited = sum(
-        1 for s in ok
-        if any(o is not s and o.last_token_s is not None and s.first_token_s is not None
-               and s.first_token_s > o.last_token_s - jitter for o in ok)
+        1
+        for s in ok
+        if any(
+            o is not s
+            and o.last_token_s is not None
+            and s.first_token_s is not None
+            and s.first_token_s > o.last_token_s - jitter
+            for o in ok
+        )
     )
-    return ProbeRound(label=label, models=tuple(models), samples=tuple(samples), wall_s=wall_s, overlap=ov,
-                      peak=peak, at_once=at_once, first_token_spread_s=spread, waited=waited)
+    return ProbeRound(
+        label=label,
+        models=tuple(models),
+        samples=tuple(samples),
+        wall_s=wall_s,
+        overlap=ov,
+        peak=peak,
+        at_once=at_once,
+        first_token_spread_s=spread,
+        waited=waited,
+    )
 
 
 def guess_server(base_url: str) -> str:
@@ -221,56 +262,93 @@ def _parallel_setting(server: str, want: int) -> str:
     """The sentence that says where to raise the server's parallelism."""
     want = max(want, 2)
     per_server = {
-        "ollama": (f"Ollama runs one request per model at a time unless told otherwise: set OLLAMA_NUM_PARALLEL={want} "
-                   "in the Ollama server's environment (systemd: Environment=\"OLLAMA_NUM_PARALLEL="
-                   f"{want}\"; shell: OLLAMA_NUM_PARALLEL={want} ollama serve) and restart it"),
-        "lmstudio": (f"LM Studio: raise \"Max Concurrent Predictions\" to {want} in the model's load settings "
-                     "(llama.cpp engine; 4 by default) and reload the model"),
-        "llama.cpp": (f"llama-server: start it with --parallel {want} (-np {want}) and a --ctx-size large enough "
-                      f"for {want} conversations (the slots share the context)"),
-        "vllm": ("vLLM batches requests by itself: something in front of it (a proxy, --max-num-seqs 1) is "
-                 "serialising them"),
+        "ollama": (
+            f"Ollama runs one request per model at a time unless told otherwise: set OLLAMA_NUM_PARALLEL={want} "
+            "in the Ollama server's environment (systemd: Environment=\"OLLAMA_NUM_PARALLEL="
+            f'{want}"; shell: OLLAMA_NUM_PARALLEL={want} ollama serve) and restart it'
+        ),
+        "lmstudio": (
+            f'LM Studio: raise "Max Concurrent Predictions" to {want} in the model\'s load settings '
+            "(llama.cpp engine; 4 by default) and reload the model"
+        ),
+        "llama.cpp": (
+            f"llama-server: start it with --parallel {want} (-np {want}) and a --ctx-size large enough "
+            f"for {want} conversations (the slots share the context)"
+        ),
+        "vllm": (
+            "vLLM batches requests by itself: something in front of it (a proxy, --max-num-seqs 1) is serialising them"
+        ),
     }
     if server in per_server:
         return per_server[server]
-    return (f"raise the server's parallelism to {want} (Ollama: OLLAMA_NUM_PARALLEL={want} in its environment; "
-            f"LM Studio: \"Max Concurrent Predictions\" in the model's load settings; llama.cpp: llama-server "
-            f"--parallel {want}; vLLM batches by itself, so look for a proxy in front of it)")
+    return (
+        f"raise the server's parallelism to {want} (Ollama: OLLAMA_NUM_PARALLEL={want} in its environment; "
+        f'LM Studio: "Max Concurrent Predictions" in the model\'s load settings; llama.cpp: llama-server '
+        f"--parallel {want}; vLLM batches by itself, so look for a proxy in front of it)"
+    )
 
 
 def _swap_setting(server: str, models: int) -> str:
     per_server = {
-        "lmstudio": ("LM Studio keeps one JIT-loaded model and evicts it when another is asked for: turn off "
-                     "\"Auto-evict\" for JIT-loaded models (Developer → Server settings) and load every "
-                     "fighter's model up front (`lms load MODEL`), or give the fighters one model"),
-        "ollama": (f"Ollama is swapping models: set OLLAMA_MAX_LOADED_MODELS={models} (memory permitting) "
-                   "or give the fighters one model"),
+        "lmstudio": (
+            "LM Studio keeps one JIT-loaded model and evicts it when another is asked for: turn off "
+            '"Auto-evict" for JIT-loaded models (Developer → Server settings) and load every '
+            "fighter's model up front (`lms load MODEL`), or give the fighters one model"
+        ),
+        "ollama": (
+            f"Ollama is swapping models: set OLLAMA_MAX_LOADED_MODELS={models} (memory permitting) "
+            "or give the fighters one model"
+        ),
     }
-    return per_server.get(server, (
-        "the server swaps models in and out: keep all the fighters' models loaded at once (LM Studio: turn off "
-        f"JIT auto-evict; Ollama: OLLAMA_MAX_LOADED_MODELS={models}) or give the fighters one model"))
+    return per_server.get(
+        server,
+        (
+            "the server swaps models in and out: keep all the fighters' models loaded at once (LM Studio: turn off "
+            f"JIT auto-evict; Ollama: OLLAMA_MAX_LOADED_MODELS={models}) or give the fighters one model"
+        ),
+    )
 
 
-def judge(backend: str, base_url: str, rounds: Sequence[ProbeRound], *, requested: int, max_concurrency: int,
-          users: int | None = None, server: str | None = None,
-          config_file: str = "council.toml") -> ParallelismReport:
+def judge(
+    backend: str,
+    base_url: str,
+    rounds: Sequence[ProbeRound],
+    *,
+    requested: int,
+    max_concurrency: int,
+    users: int | None = None,
+    server: str | None = None,
+    config_file: str = "council.toml",
+) -> ParallelismReport:
     """The verdict and advice from measured rounds (pure: tests feed it synthetic samples)."""
     server = server or guess_server(base_url)
     who = SERVER_NAMES.get(server, "the server")
-    base = ParallelismReport(backend=backend, base_url=base_url, requested=requested,
-                             max_concurrency=max_concurrency, server=server, rounds=tuple(rounds))
+    base = ParallelismReport(
+        backend=backend,
+        base_url=base_url,
+        requested=requested,
+        max_concurrency=max_concurrency,
+        server=server,
+        rounds=tuple(rounds),
+    )
     singles = [r for r in rounds if r.label != MIXED]
     mixed = next((r for r in rounds if r.label == MIXED), None)
     measured = [r for r in singles if r.at_once is not None]
     if not measured:
         errors = [s for r in rounds for s in r.errors]
         if errors:
-            return replace(base, status="error", verdict="could not measure: the probe requests failed",
-                           error=errors[0].error)
-        return replace(base, status="warn",
-                       verdict="could not measure: each reply arrived in one piece, too fast to time",
-                       findings=("streamed replies carried no timing (a server that does not stream, or "
-                                 "replies shorter than two chunks)",))
+            return replace(
+                base, status="error", verdict="could not measure: the probe requests failed", error=errors[0].error
+            )
+        return replace(
+            base,
+            status="warn",
+            verdict="could not measure: each reply arrived in one piece, too fast to time",
+            findings=(
+                "streamed replies carried no timing (a server that does not stream, or "
+                "replies shorter than two chunks)",
+            ),
+        )
     weakest = min(measured, key=lambda r: (r.at_once or 0, r.overlap))
     at_once = weakest.at_once or 1
     saturated = at_once >= requested
@@ -295,18 +373,24 @@ def judge(backend: str, base_url: str, rounds: Sequence[ProbeRound], *, requeste
     matches = min(max_concurrency, requested) == at_once
     if at_once < min(max_concurrency, requested):
         warn = True
-        advice.append(f"{_parallel_setting(server, want)}, or set max_concurrency = {at_once} in {where}, so "
-                      f"requests wait in SHENRON's queue instead of the server's (where first_token_timeout_s "
-                      f"is ticking)")
+        advice.append(
+            f"{_parallel_setting(server, want)}, or set max_concurrency = {at_once} in {where}, so "
+            f"requests wait in SHENRON's queue instead of the server's (where first_token_timeout_s "
+            f"is ticking)"
+        )
     elif at_once > max_concurrency:
         warn = True
         more = f"at least {at_once}" if saturated else str(at_once)
-        advice.append(f"set max_concurrency = {at_once} in {where}: {who} runs {more} at once and SHENRON "
-                      f"sends only {max_concurrency}")
+        advice.append(
+            f"set max_concurrency = {at_once} in {where}: {who} runs {more} at once and SHENRON "
+            f"sends only {max_concurrency}"
+        )
     elif at_once == 1 and (users is None or users > 1):
         warn = True
-        advice.append(f"the fighters' answers will come back one after another: {_parallel_setting(server, want)}, "
-                      f"then raise max_concurrency in {where} to match")
+        advice.append(
+            f"the fighters' answers will come back one after another: {_parallel_setting(server, want)}, "
+            f"then raise max_concurrency in {where} to match"
+        )
 
     swaps: bool | None = None
     errors = [s for r in rounds for s in r.errors]
@@ -317,16 +401,22 @@ def judge(backend: str, base_url: str, rounds: Sequence[ProbeRound], *, requeste
         if mixed.at_once is not None and mixed.at_once < at_once:
             swaps = True
             runs = "one" if mixed.at_once == 1 else str(mixed.at_once)
-            findings.append(f"with the fighters' {len(mixed.models)} models interleaved it runs {runs} at a time "
-                            f"(overlap {mixed.overlap:.1f}×)")
+            findings.append(
+                f"with the fighters' {len(mixed.models)} models interleaved it runs {runs} at a time "
+                f"(overlap {mixed.overlap:.1f}×)"
+            )
         if mixed_first is not None and mixed_first > max(SWAP_MIN_DELAY_S, SWAP_SLOWDOWN * single_first):
             swaps = True
-            findings.append(f"with the models interleaved the first token takes {mixed_first:.1f} s "
-                            f"(one model: {single_first:.1f} s): the server is loading models")
+            findings.append(
+                f"with the models interleaved the first token takes {mixed_first:.1f} s "
+                f"(one model: {single_first:.1f} s): the server is loading models"
+            )
         if mixed.errors and not any(r.errors for r in singles):
             swaps = True
-            findings.append(f"{len(mixed.errors)} of {len(mixed.samples)} requests failed only when the models "
-                            f"were interleaved: {mixed.errors[0].error}")
+            findings.append(
+                f"{len(mixed.errors)} of {len(mixed.samples)} requests failed only when the models "
+                f"were interleaved: {mixed.errors[0].error}"
+            )
         if swaps:
             warn = True
             advice.append(_swap_setting(server, len(mixed.models)))
@@ -334,23 +424,34 @@ def judge(backend: str, base_url: str, rounds: Sequence[ProbeRound], *, requeste
         warn = True
         findings.append(f"{len(errors)} probe request(s) failed: {errors[0].error}")
 
-    return replace(base, at_once=at_once, overlap=weakest.overlap, first_token_spread_s=spread,
-                   waited=weakest.waited, matches_config=matches, swaps_models=swaps,
-                   status="warn" if warn else "ok", verdict=verdict, findings=tuple(findings),
-                   advice=tuple(advice))
+    return replace(
+        base,
+        at_once=at_once,
+        overlap=weakest.overlap,
+        first_token_spread_s=spread,
+        waited=weakest.waited,
+        matches_config=matches,
+        swaps_models=swaps,
+        status="warn" if warn else "ok",
+        verdict=verdict,
+        findings=tuple(findings),
+        advice=tuple(advice),
+    )
 
 
 # --- measurement -------------------------------------------------------------------------------
 
 
-async def _timed_request(client: LLMClient, backend: str, model: str, max_tokens: int, timeout_s: float,
-                         t0: float) -> Sample:
+async def _timed_request(
+    client: LLMClient, backend: str, model: str, max_tokens: int, timeout_s: float, t0: float
+) -> Sample:
     first: float | None = None
     last: float | None = None
     pieces = 0
     try:
-        stream = client.stream_chat(backend, model, PROBE_MESSAGES, temperature=0.0, max_tokens=max_tokens,
-                                    timeout_s=timeout_s)
+        stream = client.stream_chat(
+            backend, model, PROBE_MESSAGES, temperature=0.0, max_tokens=max_tokens, timeout_s=timeout_s
+        )
         async with aclosing(stream):
             async for delta in stream:
                 if delta.content or delta.reasoning:  # reasoning is generation too
@@ -372,8 +473,9 @@ def _too_short(r: ProbeRound) -> bool:
     return len(lengths) < 2 or statistics.median(lengths) < MIN_GENERATION_S
 
 
-async def _round(client: LLMClient, backend: str, label: str, models: Sequence[str], max_tokens: int,
-                 timeout_s: float) -> ProbeRound:
+async def _round(
+    client: LLMClient, backend: str, label: str, models: Sequence[str], max_tokens: int, timeout_s: float
+) -> ProbeRound:
     t0 = time.perf_counter()
     samples = await asyncio.gather(*(_timed_request(client, backend, m, max_tokens, timeout_s, t0) for m in models))
     return analyse_round(label, sorted(set(models), key=list(models).index), samples, time.perf_counter() - t0)
@@ -406,15 +508,15 @@ async def probe_parallelism(
     if not models:
         raise ValueError("probe_parallelism needs at least one model")
     # Our own max_concurrency would serialise the probe: measure the server, not the client.
-    probe_backend = replace(backend, max_concurrency=max(n, len(models)) * 2,
-                            first_token_timeout_s=timeout_s, total_timeout_s=timeout_s)
+    probe_backend = replace(
+        backend, max_concurrency=max(n, len(models)) * 2, first_token_timeout_s=timeout_s, total_timeout_s=timeout_s
+    )
     probe = LLMClient(client.session, {backend_name: probe_backend})
     rounds: list[ProbeRound] = []
     for model in models:
         if warmup:
             # Load the model (and open a connection) first, so loading time is not read as queueing.
-            first = await _timed_request(probe, backend_name, model, WARMUP_MAX_TOKENS, timeout_s,
-                                         time.perf_counter())
+            first = await _timed_request(probe, backend_name, model, WARMUP_MAX_TOKENS, timeout_s, time.perf_counter())
             if first.error:
                 rounds.append(analyse_round(model, [model], [first], 0.0))
                 continue
@@ -427,8 +529,16 @@ async def probe_parallelism(
     if len(models) > 1 and any(r.at_once is not None for r in rounds):
         mixed = [models[i % len(models)] for i in range(max(n, len(models)))]
         rounds.append(await _round(probe, backend_name, MIXED, mixed, max_tokens, timeout_s))
-    return judge(backend_name, backend.base_url, rounds, requested=n, max_concurrency=backend.max_concurrency,
-                 users=users, server=server, config_file=config_file)
+    return judge(
+        backend_name,
+        backend.base_url,
+        rounds,
+        requested=n,
+        max_concurrency=backend.max_concurrency,
+        users=users,
+        server=server,
+        config_file=config_file,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,12 +569,20 @@ def plan_probes(council: CouncilConfig) -> list[BackendPlan]:
     return plans
 
 
-async def probe_council(client: LLMClient, council: CouncilConfig, *, max_tokens: int = 24,
-                        timeout_s: float = 60) -> dict[str, ParallelismReport]:
+async def probe_council(
+    client: LLMClient, council: CouncilConfig, *, max_tokens: int = 24, timeout_s: float = 60
+) -> dict[str, ParallelismReport]:
     """Every backend the roster uses, one after another (several may be one server: LLM_BASE_URL)."""
     reports = {}
     for plan in plan_probes(council):
-        reports[plan.backend] = await probe_parallelism(client, plan.backend, list(plan.models), plan.requests,
-                                                        max_tokens, timeout_s, users=plan.users,
-                                                        config_file=council.source)
+        reports[plan.backend] = await probe_parallelism(
+            client,
+            plan.backend,
+            list(plan.models),
+            plan.requests,
+            max_tokens,
+            timeout_s,
+            users=plan.users,
+            config_file=council.source,
+        )
     return reports

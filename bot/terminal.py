@@ -43,8 +43,7 @@ class _Row:
     note: str = ""
 
 
-STATE_STYLE = {"waiting": ("⏳", "dim"), "thinking": ("💭", "yellow"), "done": ("✅", "green"),
-               "failed": ("❌", "red")}
+STATE_STYLE = {"waiting": ("⏳", "dim"), "thinking": ("💭", "yellow"), "done": ("✅", "green"), "failed": ("❌", "red")}
 
 
 class TerminalView:
@@ -71,8 +70,12 @@ class TerminalView:
             icon, style = STATE_STYLE[row.state]
             secs = row.seconds if row.seconds is not None else now
             toks = row.tokens if row.tokens is not None else (f"~{row.chars // 4}" if row.chars else "")
-            table.add_row(f"{f.emoji} {f.name}", Text(f"{icon} {row.state} {row.note}".rstrip(), style=style),
-                          f"{secs:.1f} s", str(toks))
+            table.add_row(
+                f"{f.emoji} {f.name}",
+                Text(f"{icon} {row.state} {row.note}".rstrip(), style=style),
+                f"{secs:.1f} s",
+                str(toks),
+            )
         s = self.council.synthesizer
         icon, style = STATE_STYLE.get(self.synth_state, ("🐉", "cyan"))
         table.add_row(f"{s.emoji} {s.name}", Text(f"{icon} {self.synth_state}", style=style), "", "")
@@ -81,7 +84,9 @@ class TerminalView:
     def __rich__(self) -> Group:
         parts: list[Any] = [self._table()]
         if self.synthesis:
-            parts.append(Panel(Markdown(self.synthesis), title=f"🐉 SHENRON · {self.synth_model}", border_style="yellow"))
+            parts.append(
+                Panel(Markdown(self.synthesis), title=f"🐉 SHENRON · {self.synth_model}", border_style="yellow")
+            )
         return Group(*parts)
 
     def handle(self, event: Event) -> None:
@@ -97,9 +102,14 @@ class TerminalView:
                 row = self.rows[a.fighter]
                 row.state, row.seconds, row.tokens = "done", a.elapsed_s, a.tokens
                 f = self.council.fighter(a.fighter)
-                c.print(Panel(Markdown(a.text), title=f"{f.emoji} {f.name} · {f.role}",
-                              subtitle=f"{a.model} · {a.elapsed_s:.1f} s · {a.tokens} tokens",
-                              border_style=f"#{f.colour:06x}"))
+                c.print(
+                    Panel(
+                        Markdown(a.text),
+                        title=f"{f.emoji} {f.name} · {f.role}",
+                        subtitle=f"{a.model} · {a.elapsed_s:.1f} s · {a.tokens} tokens",
+                        border_style=f"#{f.colour:06x}",
+                    )
+                )
             case FighterFailed(answer=a):
                 row = self.rows[a.fighter]
                 row.state, row.seconds, row.note = "failed", a.elapsed_s, a.error_kind
@@ -113,8 +123,13 @@ class TerminalView:
                 self.synth_state = "done"
             case SynthesisFailed(result=r, will_retry=retry):
                 self.synth_state = "thinking" if retry else "failed"
-                c.print(Text(f"❌ SHENRON ({r.model or 'synthesis'}): {r.error}"
-                             + (" — trying the fallback" if retry else ""), style="red"))
+                c.print(
+                    Text(
+                        f"❌ SHENRON ({r.model or 'synthesis'}): {r.error}"
+                        + (" — trying the fallback" if retry else ""),
+                        style="red",
+                    )
+                )
             case CouncilFinished():
                 pass
 
@@ -122,8 +137,13 @@ class TerminalView:
         c = self.console
         s = result.synthesis
         if s.ok:
-            c.print(Panel(Markdown(s.text), title=f"🐉 SHENRON · {s.model}" + (" (fallback)" if s.used_fallback else ""),
-                          border_style="yellow"))
+            c.print(
+                Panel(
+                    Markdown(s.text),
+                    title=f"🐉 SHENRON · {s.model}" + (" (fallback)" if s.used_fallback else ""),
+                    border_style="yellow",
+                )
+            )
         if result.context:
             c.print(Text("📚 " + " · ".join(dict.fromkeys(p.label for p in result.context)), style="cyan"))
         c.print(Text(summary_line(result), style="bold"))
@@ -141,8 +161,9 @@ class TerminalView:
             c.print(Text(f"⚠ {hint}", style="yellow"))
 
 
-async def render_live(events: AsyncIterator[Event], console: Console, council: CouncilConfig,
-                      fighters: list[str]) -> CouncilResult | None:
+async def render_live(
+    events: AsyncIterator[Event], console: Console, council: CouncilConfig, fighters: list[str]
+) -> CouncilResult | None:
     view = TerminalView(console, council, fighters)
     result: CouncilResult | None = None
     async with aclosing(events):  # type: ignore[type-var]
@@ -168,17 +189,37 @@ def result_json(result: CouncilResult) -> str:
     doc = {
         "question": result.question,
         "answers": [
-            {"fighter": a.fighter, "model": a.model, "backend": a.backend, "ok": a.ok, "text": a.text,
-             "error": a.error or None, "error_kind": a.error_kind or None, "elapsed_s": round(a.elapsed_s, 3),
-             "first_token_s": None if a.first_token_s is None else round(a.first_token_s, 3), "tokens": a.tokens}
+            {
+                "fighter": a.fighter,
+                "model": a.model,
+                "backend": a.backend,
+                "ok": a.ok,
+                "text": a.text,
+                "error": a.error or None,
+                "error_kind": a.error_kind or None,
+                "elapsed_s": round(a.elapsed_s, 3),
+                "first_token_s": None if a.first_token_s is None else round(a.first_token_s, 3),
+                "tokens": a.tokens,
+            }
             for a in result.answers
         ],
-        "synthesis": {"ok": s.ok, "text": s.text, "model": s.model or None, "error": s.error or None,
-                      "used_fallback": s.used_fallback, "tokens": s.tokens},
+        "synthesis": {
+            "ok": s.ok,
+            "text": s.text,
+            "model": s.model or None,
+            "error": s.error or None,
+            "used_fallback": s.used_fallback,
+            "tokens": s.tokens,
+        },
         "sources": [{"source": p.source, "heading": p.heading, "score": round(p.score, 4)} for p in result.context],
-        "stats": {"wall_s": round(result.stats.wall_s, 3), "overlap": round(result.stats.overlap, 3),
-                  "first_answer_s": None if result.stats.first_answer_s is None else round(result.stats.first_answer_s, 3),
-                  "model_time_s": round(result.stats.model_time_s, 3), "tokens": result.stats.tokens,
-                  "fighters_ok": result.stats.fighters_ok, "fighters_total": result.stats.fighters_total},
+        "stats": {
+            "wall_s": round(result.stats.wall_s, 3),
+            "overlap": round(result.stats.overlap, 3),
+            "first_answer_s": None if result.stats.first_answer_s is None else round(result.stats.first_answer_s, 3),
+            "model_time_s": round(result.stats.model_time_s, 3),
+            "tokens": result.stats.tokens,
+            "fighters_ok": result.stats.fighters_ok,
+            "fighters_total": result.stats.fighters_total,
+        },
     }
     return json.dumps(doc, ensure_ascii=False, indent=2)

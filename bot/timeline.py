@@ -46,21 +46,25 @@ def timeline(result: CouncilResult, width: int = 40) -> list[TimelineRow]:
     scale = wall / width
     rows = []
     for a in result.answers:
-        rows.append(TimelineRow(
-            name=a.fighter,
-            bar=_bar(a.started_at, a.first_token_s, a.elapsed_s, scale, width),
-            ok=a.ok,
-            note=f"{a.elapsed_s:.1f} s" if a.ok else (a.error_kind or "failed"),
-        ))
+        rows.append(
+            TimelineRow(
+                name=a.fighter,
+                bar=_bar(a.started_at, a.first_token_s, a.elapsed_s, scale, width),
+                ok=a.ok,
+                note=f"{a.elapsed_s:.1f} s" if a.ok else (a.error_kind or "failed"),
+            )
+        )
     s = result.synthesis
     if s.model:
         start = max((a.elapsed_s for a in result.answers), default=0.0)  # it starts when the last fighter ends
-        rows.append(TimelineRow(
-            name="SHENRON",
-            bar=_bar(start, s.first_token_s, s.elapsed_s, scale, width),
-            ok=s.ok,
-            note=f"{s.elapsed_s - start:.1f} s" if s.ok else "failed",
-        ))
+        rows.append(
+            TimelineRow(
+                name="SHENRON",
+                bar=_bar(start, s.first_token_s, s.elapsed_s, scale, width),
+                ok=s.ok,
+                note=f"{s.elapsed_s - start:.1f} s" if s.ok else "failed",
+            )
+        )
     return rows
 
 
@@ -89,9 +93,14 @@ def serialised_hint(result: CouncilResult) -> str | None:
     """A warning when the fighters plainly did not run side by side (the server queued them)."""
     st = result.stats
     # Only fighters whose generation took time say anything: a reply in one chunk has no interval.
-    generating = sum(1 for a in result.answers if a.first_token_s is not None and a.last_token_s is not None
-                     and a.last_token_s > a.first_token_s)
+    generating = sum(
+        1
+        for a in result.answers
+        if a.first_token_s is not None and a.last_token_s is not None and a.last_token_s > a.first_token_s
+    )
     if generating >= 3 and 0 < st.overlap < max(1.5, generating / 3):
-        return (f"overlap {st.overlap:.1f}× for {generating} fighters: the backend seems to run requests one at "
-                "a time — see /health or `shenron doctor`")
+        return (
+            f"overlap {st.overlap:.1f}× for {generating} fighters: the backend seems to run requests one at "
+            "a time — see /health or `shenron doctor`"
+        )
     return None

@@ -30,14 +30,19 @@ def render_passages(query: str, passages: list[Passage], min_score: float) -> di
     """The passages a question retrieves, best first (one field each), or why there are none."""
     title = render.clip(f"📚 {query}", render.TITLE_LIMIT)
     if not passages:
-        return discord.Embed(title=title, colour=COLOUR, description=(
-            f"No passage scores {min_score:g} or more, so a council would get no documents for this."))
+        return discord.Embed(
+            title=title,
+            colour=COLOUR,
+            description=(f"No passage scores {min_score:g} or more, so a council would get no documents for this."),
+        )
     embed = discord.Embed(title=title, colour=COLOUR)
     for p in passages:
         excerpt = render.neutralize_mentions(" ".join(p.text.split()))
-        embed.add_field(name=render.clip(f"{p.score:.2f} · {render.neutralize_mentions(p.label)}",
-                                         render.FIELD_NAME_LIMIT),
-                        value=render.clip(excerpt, min(EXCERPT_CHARS, render.FIELD_VALUE_LIMIT)), inline=False)
+        embed.add_field(
+            name=render.clip(f"{p.score:.2f} · {render.neutralize_mentions(p.label)}", render.FIELD_NAME_LIMIT),
+            value=render.clip(excerpt, min(EXCERPT_CHARS, render.FIELD_VALUE_LIMIT)),
+            inline=False,
+        )
     return embed
 
 
@@ -47,8 +52,10 @@ def describe_outcome(name: str, outcome: FileOutcome) -> str:
     if outcome.status == "unchanged":
         return f"✅ `{name}` is already in the knowledge base, unchanged."
     if outcome.status == "replaced":
-        return (f"✅ `{name}` replaced its previous version: {outcome.chunks} passages "
-                f"({outcome.removed} old ones removed).")
+        return (
+            f"✅ `{name}` replaced its previous version: {outcome.chunks} passages "
+            f"({outcome.removed} old ones removed)."
+        )
     return f"✅ `{name}` added: {outcome.chunks} passages."
 
 
@@ -76,8 +83,9 @@ class KnowledgeCog(commands.GroupCog, group_name="kb", group_description="The co
         except KnowledgeError as exc:
             await interaction.followup.send(f"❌ The search failed: {exc}", ephemeral=True)
             return
-        await interaction.followup.send(embed=render_passages(query, passages, self.bot.settings.kb_min_score),
-                                        ephemeral=True)
+        await interaction.followup.send(
+            embed=render_passages(query, passages, self.bot.settings.kb_min_score), ephemeral=True
+        )
 
     @app_commands.command(name="add")
     @app_commands.checks.has_permissions(administrator=True)
@@ -92,15 +100,17 @@ class KnowledgeCog(commands.GroupCog, group_name="kb", group_description="The co
         if file.size > MAX_FILE_BYTES:
             await interaction.response.send_message(
                 f"❌ `{name}` is {file.size / 2**20:.1f} MiB; the limit is {MAX_FILE_BYTES // 2**20} MiB.",
-                ephemeral=True)
+                ephemeral=True,
+            )
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
             data = await file.read()
             outcome = await kb.add_bytes(data, f"discord/{name}")
         except discord.HTTPException as exc:
-            await interaction.followup.send(f"❌ Could not download `{name}` from Discord ({exc.status}).",
-                                            ephemeral=True)
+            await interaction.followup.send(
+                f"❌ Could not download `{name}` from Discord ({exc.status}).", ephemeral=True
+            )
             return
         except KnowledgeError as exc:
             await interaction.followup.send(f"❌ `{name}` was not added: {exc}", ephemeral=True)
@@ -108,11 +118,13 @@ class KnowledgeCog(commands.GroupCog, group_name="kb", group_description="The co
         log.info("%s added discord/%s: %s", interaction.user, name, outcome.status)
         await interaction.followup.send(describe_outcome(name, outcome), ephemeral=True)
 
-    async def cog_app_command_error(self, interaction: discord.Interaction,
-                                    error: app_commands.AppCommandError) -> None:
+    async def cog_app_command_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
         if isinstance(error, app_commands.MissingPermissions):
             await interaction.response.send_message(
-                "Only server administrators can add documents to the knowledge base.", ephemeral=True)
+                "Only server administrators can add documents to the knowledge base.", ephemeral=True
+            )
 
 
 async def setup(bot: commands.Bot) -> None:

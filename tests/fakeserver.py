@@ -155,9 +155,7 @@ class FakeLLM:
         app.router.add_get("/v1/models", self._tracked(self._list_models))
         app.router.add_post("/v1/embeddings", self._tracked(self._embeddings))
         # handler_cancellation: a client hanging up cancels its generation and frees the slot
-        self._runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5
-        )
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await self._site.start()
@@ -231,8 +229,7 @@ class FakeLLM:
                     await self._changed.wait()
         except TimeoutError:
             raise TimeoutError(
-                f"fake LLM not {what} after {limit}s "
-                f"(requests={len(self.requests)}, in_flight={self.in_flight})"
+                f"fake LLM not {what} after {limit}s (requests={len(self.requests)}, in_flight={self.in_flight})"
             ) from None
 
     def _notify(self) -> None:
@@ -265,9 +262,7 @@ class FakeLLM:
             try:
                 expected = f"Bearer {self.api_key}"
                 if self.api_key is not None and request.headers.get("Authorization") != expected:
-                    return web.json_response(
-                        _error_body("Invalid API key", 401, "invalid_api_key"), status=401
-                    )
+                    return web.json_response(_error_body("Invalid API key", 401, "invalid_api_key"), status=401)
                 return await handler(request)
             finally:
                 self.in_flight -= 1
@@ -345,10 +340,7 @@ class FakeLLM:
             await asyncio.sleep(script.header_delay)
         raw = body.get("input", "")
         inputs = [raw] if isinstance(raw, str) else [str(x) for x in raw]
-        data = [
-            {"object": "embedding", "index": i, "embedding": embed(text)}
-            for i, text in enumerate(inputs)
-        ]
+        data = [{"object": "embedding", "index": i, "embedding": embed(text)} for i, text in enumerate(inputs)]
         tokens = sum(len(t) for t in inputs) // 4
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return web.json_response({"object": "list", "data": data, "model": model, "usage": usage})
@@ -460,9 +452,7 @@ class FakeLLM:
     async def _stream(
         self, request: web.Request, model: str, script: Script, body: dict[str, Any]
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         if script.close_connection:
             response.headers["Connection"] = "close"
             response.force_close()
@@ -547,9 +537,7 @@ class FakeLLMThread:
 
     def start(self) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="FakeLLMThread", daemon=True
-        )
+        self._thread = threading.Thread(target=self._loop.run_forever, name="FakeLLMThread", daemon=True)
         self._thread.start()
 
         async def create() -> FakeLLM:

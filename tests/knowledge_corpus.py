@@ -63,16 +63,20 @@ def write_corpus(folder: Path) -> Path:
 
 def make_pdf(pages: list[list[str]], title: str = "") -> bytes:
     """A minimal valid PDF: one text line per string, Helvetica, correct cross-reference table."""
-    objects = ["<< /Type /Catalog /Pages 2 0 R >>",
-               "<< /Type /Pages /Kids [{kids}] /Count {count} >>",
-               "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [{kids}] /Count {count} >>",
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
     kids = []
     for lines in pages:
         escaped = [s.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)") for s in lines]
         stream = "BT /F1 12 Tf 14 TL 72 720 Td " + " ".join(f"({s}) '" for s in escaped) + " ET"
         kids.append(f"{len(objects) + 1} 0 R")
-        objects.append("<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
-                       f"/Resources << /Font << /F1 3 0 R >> >> /Contents {len(objects) + 2} 0 R >>")
+        objects.append(
+            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
+            f"/Resources << /Font << /F1 3 0 R >> >> /Contents {len(objects) + 2} 0 R >>"
+        )
         objects.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
     objects[1] = objects[1].format(kids=" ".join(kids), count=len(pages))
     info = ""

@@ -29,7 +29,16 @@ def _socket_inodes() -> set[str]:
 
 
 # TCP states that still hold a connection open (not TIME_WAIT/CLOSE: those are gone from the fd table).
-_OPEN_STATES = {"01", "02", "03", "04", "05", "08", "09", "0B"}  # ESTABLISHED, SYN_*, FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING
+_OPEN_STATES = {
+    "01",
+    "02",
+    "03",
+    "04",
+    "05",
+    "08",
+    "09",
+    "0B",
+}  # ESTABLISHED, SYN_*, FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING
 
 
 def client_connections(port: int) -> int:

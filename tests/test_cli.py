@@ -19,8 +19,9 @@ def shenron(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedP
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "SHENRON_", "KB_", "DISCORD_"))}
     full_env.update(env)
     full_env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-m", "bot", *args], capture_output=True, text=True, env=full_env,
-                          cwd=cwd, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=60
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ def test_ask_json_shows_six_answers_and_a_synthesis(base_env, tmp_path: Path) ->
     doc = json.loads(proc.stdout)
     assert doc["question"] == "Should I run ZFS or ext4?"
     assert sorted(a["fighter"] for a in doc["answers"]) == sorted(
-        ["GOKU", "VEGETA", "PICCOLO", "GOHAN", "KRILLIN", "FRIEZA"])
+        ["GOKU", "VEGETA", "PICCOLO", "GOHAN", "KRILLIN", "FRIEZA"]
+    )
     assert all(a["ok"] and a["text"] == "An answer from the fake." for a in doc["answers"])
     assert all(a["first_token_s"] is not None and a["tokens"] == 5 for a in doc["answers"])
     assert doc["synthesis"]["ok"] and doc["synthesis"]["text"] == "An answer from the fake."
@@ -100,8 +102,9 @@ def test_an_unreachable_knowledge_base_does_not_stop_the_council(fake, tmp_path:
         port = s.getsockname()[1]
     (tmp_path / ".env").write_text(f"LLM_BASE_URL={fake.url}\nCHROMA_URL=http://127.0.0.1:{port}\n")
     os.chmod(tmp_path / ".env", 0o600)
-    proc = shenron("ask", "q", "--json", "--fighters", "GOKU", env={"SHENRON_COUNCIL": str(REPO / "council.toml")},
-                   cwd=tmp_path)
+    proc = shenron(
+        "ask", "q", "--json", "--fighters", "GOKU", env={"SHENRON_COUNCIL": str(REPO / "council.toml")}, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["synthesis"]["ok"]
     assert "knowledge base unavailable, asking without it" in proc.stderr

@@ -57,32 +57,74 @@ def test_llm_base_url_and_model_override_every_backend_and_model() -> None:
     ("change", "key", "fix_words"),
     [
         (lambda t: t.replace('name = "GOKU"', 'name = "GOKU'), "(syntax)", "quotes"),
-        (lambda t: t.replace('model = "m"\npersona', 'model = "m"\nbackend = "ollama"\npersona'),
-         "fighters[0].backend", "local"),
+        (
+            lambda t: t.replace('model = "m"\npersona', 'model = "m"\nbackend = "ollama"\npersona'),
+            "fighters[0].backend",
+            "local",
+        ),
         (lambda t: t.replace("http://localhost:1234/v1", "localhost:1234"), "backends.local.base_url", "http://"),
-        (lambda t: t.replace("http://localhost:1234/v1", "http://localhost:12x4/v1"), "backends.local.base_url",
-         "http://"),
-        (lambda t: t.replace("http://localhost:1234/v1", "https://me:hunter2@proxy.example/v1"),
-         "backends.local.base_url", "api_key_env"),
-        (lambda t: t.replace('persona = "You fight."', 'persona = "You fight."\ntemperature = 3.5'),
-         "fighters[0].temperature", "between 0 and 2"),
-        (lambda t: t.replace('persona = "You fight."', 'persona = "You fight."\ntemperature = "hot"'),
-         "fighters[0].temperature", "temperature = 0.7"),
+        (
+            lambda t: t.replace("http://localhost:1234/v1", "http://localhost:12x4/v1"),
+            "backends.local.base_url",
+            "http://",
+        ),
+        (
+            lambda t: t.replace("http://localhost:1234/v1", "https://me:hunter2@proxy.example/v1"),
+            "backends.local.base_url",
+            "api_key_env",
+        ),
+        (
+            lambda t: t.replace('persona = "You fight."', 'persona = "You fight."\ntemperature = 3.5'),
+            "fighters[0].temperature",
+            "between 0 and 2",
+        ),
+        (
+            lambda t: t.replace('persona = "You fight."', 'persona = "You fight."\ntemperature = "hot"'),
+            "fighters[0].temperature",
+            "temperature = 0.7",
+        ),
         (lambda t: t.replace('name = "GOKU"', 'name = ""'), "fighters[0].name", "value"),
-        (lambda t: t.replace("[synthesizer]", '[[fighters]]\nname = "goku"\nmodel = "m"\npersona = "x"\n\n[synthesizer]'),
-         "fighters[1].name", "different name"),
-        (lambda t: t.split("[[fighters]]")[0] + "[synthesizer]" + t.split("[synthesizer]")[1], "fighters",
-         "[[fighters]]"),
-        (lambda t: t.replace('[backends.local]\nbase_url = "http://localhost:1234/v1"\n', ""), "backends",
-         "[backends.local]"),
+        (
+            lambda t: t.replace(
+                "[synthesizer]", '[[fighters]]\nname = "goku"\nmodel = "m"\npersona = "x"\n\n[synthesizer]'
+            ),
+            "fighters[1].name",
+            "different name",
+        ),
+        (
+            lambda t: t.split("[[fighters]]")[0] + "[synthesizer]" + t.split("[synthesizer]")[1],
+            "fighters",
+            "[[fighters]]",
+        ),
+        (
+            lambda t: t.replace('[backends.local]\nbase_url = "http://localhost:1234/v1"\n', ""),
+            "backends",
+            "[backends.local]",
+        ),
         (lambda t: t.replace('prompt = "Synthesise."', ""), "synthesizer.prompt", "prompt"),
         (lambda t: t + "\n[extras]\nx = 1\n", "extras", "[council]"),
-        (lambda t: t.replace('persona = "You fight."', 'persona = "You fight."\nmax_tokens = 0'),
-         "fighters[0].max_tokens", "between 1"),
+        (
+            lambda t: t.replace('persona = "You fight."', 'persona = "You fight."\nmax_tokens = 0'),
+            "fighters[0].max_tokens",
+            "between 1",
+        ),
     ],
-    ids=["toml-syntax", "unknown-backend", "url-without-scheme", "malformed-port", "credentials-in-url", "temperature-range",
-         "temperature-type", "empty-name", "duplicate-name", "empty-roster", "no-backend", "no-synth-prompt",
-         "unknown-section", "max-tokens-range"],
+    ids=[
+        "toml-syntax",
+        "unknown-backend",
+        "url-without-scheme",
+        "malformed-port",
+        "credentials-in-url",
+        "temperature-range",
+        "temperature-type",
+        "empty-name",
+        "duplicate-name",
+        "empty-roster",
+        "no-backend",
+        "no-synth-prompt",
+        "unknown-section",
+        "max-tokens-range",
+    ],
 )
 def test_each_mistake_names_file_key_and_fix(change, key: str, fix_words: str) -> None:
     err = error_for(change(GOOD))
@@ -93,8 +135,9 @@ def test_each_mistake_names_file_key_and_fix(change, key: str, fix_words: str) -
 
 
 def test_missing_api_key_env_var() -> None:
-    text = GOOD.replace('base_url = "http://localhost:1234/v1"',
-                        'base_url = "https://api.example.com/v1"\napi_key_env = "EXAMPLE_KEY"')
+    text = GOOD.replace(
+        'base_url = "http://localhost:1234/v1"', 'base_url = "https://api.example.com/v1"\napi_key_env = "EXAMPLE_KEY"'
+    )
     err = error_for(text)
     assert err.key == "backends.local.api_key_env"
     assert "EXAMPLE_KEY is not set" in err.problem and ".env" in err.fix

@@ -86,8 +86,10 @@ async def test_six_fighters_answer_side_by_side_in_arrival_order() -> None:
 
 
 async def test_a_serialising_server_shows_overlap_near_one() -> None:
-    async with FakeLLM(max_parallel=1, default=Script(text="a b c d e", token_interval=0.02)) as fake, \
-            make_session() as session:
+    async with (
+        FakeLLM(max_parallel=1, default=Script(text="a b c d e", token_interval=0.02)) as fake,
+        make_session() as session,
+    ):
         result = await collect(engine_for(session, fake, names=NAMES[:4]).run("q"))
     assert result.ok
     assert fake.peak_parallel == 1
@@ -221,8 +223,7 @@ async def test_closing_the_round_early_leaves_nothing_behind() -> None:
 
 
 async def test_cancelling_the_consumer_cancels_every_fighter() -> None:
-    async with FakeLLM(default=Script(text="word " * 500, token_interval=0.005)) as fake, \
-            make_session() as session:
+    async with FakeLLM(default=Script(text="word " * 500, token_interval=0.005)) as fake, make_session() as session:
         started = asyncio.Event()
 
         async def consume() -> None:

@@ -16,7 +16,6 @@ QUESTION = "Should I run ZFS or ext4 on my R730?"
 RUNBOOK = Passage(text="Use ZFS mirrors on the R730.", source="docs/runbook.md", heading="Storage", score=0.9)
 
 
-
 def board_of(scene: Scene, thread_index: int = 0) -> discord.Embed:
     thread = scene.channel.threads[thread_index]
     return scene.bot_messages(thread)[0].embeds[0]

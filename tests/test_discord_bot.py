@@ -9,7 +9,6 @@ from bot.config import ConfigError, Settings
 from bot.discord_bot import check_token, run_bot
 from tests.factories import make_council
 
-
 GOOD = "MTIzNDU2Nzg5MDEyMzQ1Njc4OQ.GaBcDe.abcdefghijklmnopqrstuvwxyz0123456789AB"
 
 

@@ -14,7 +14,6 @@ from tests.fakeserver import FakeLLM, Script
 QUESTION = "Should I run ZFS or ext4 on my R730?"
 
 
-
 async def test_full_council(scene: Scene, fake_llm: FakeLLM) -> None:
     arrival = script_council(fake_llm, stagger_s=0.08)  # far enough apart to arrive in this order
     started = time.perf_counter()

@@ -12,7 +12,6 @@ from tests.factories import make_council
 from tests.fakeserver import FakeLLM, Script
 
 
-
 async def test_admin_sees_backends_models_and_figures(scene: Scene, fake_llm: FakeLLM) -> None:
     script_council(fake_llm)  # serves goku … frieza and shenron, not shenron-fallback
     await scene.alice.slash(scene.channel, "shenron", question="ZFS or ext4?")
@@ -116,8 +115,9 @@ class TestParallelismOnDemand:
     @pytest.fixture
     async def fake_llm(self):
         # A server that runs one generation at a time, like Ollama with OLLAMA_NUM_PARALLEL=1.
-        async with FakeLLM(max_parallel=1, default=Script(text="one two three four five six", token_interval=0.02)) \
-                as fake:
+        async with FakeLLM(
+            max_parallel=1, default=Script(text="one two three four five six", token_interval=0.02)
+        ) as fake:
             yield fake
 
     @pytest.fixture

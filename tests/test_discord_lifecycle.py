@@ -15,7 +15,6 @@ from tests.fakeserver import FakeLLM, Script
 QUESTION = "Should I run ZFS or ext4 on my R730?"
 
 
-
 def authored_by(message: discord.Message, name: str) -> bool:
     return bool(message.embeds) and name in (message.embeds[0].author.name or "")
 

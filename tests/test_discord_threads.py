@@ -15,7 +15,6 @@ QUESTION = "Should I run ZFS or ext4 on my R730?"
 FOLLOW_UP = "And what about SSD wear?"
 
 
-
 def boards(scene: Scene) -> list[discord.Embed]:
     return [
         e

@@ -36,8 +36,9 @@ TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GAbCdE.Zk9vQmFyQmF6X3NlY3JldF9obWFjX3BhcnQ"
 API_KEY = "sk-test-4f9c2e7b1d"
 
 
-def write_council(path: Path, url: str, *, models: tuple[str, ...] = ("m",), max_concurrency: int = 4,
-                  api_key_env: str | None = None) -> Path:
+def write_council(
+    path: Path, url: str, *, models: tuple[str, ...] = ("m",), max_concurrency: int = 4, api_key_env: str | None = None
+) -> Path:
     key = f'api_key_env = "{api_key_env}"\n' if api_key_env else ""
     fighters = "".join(
         f'[[fighters]]\nname = "{name}"\nmodel = "{model}"\npersona = "You are {name}."\n\n'
@@ -59,8 +60,9 @@ def settings_for(council: Path, **kw: object) -> Settings:
 
 async def doctor(settings: Settings, env: dict[str, str] | None = None, **kw: object) -> tuple[list[Check], str]:
     lines: list[str] = []
-    checks = await run_doctor(env_file=None, settings=settings, env=env or {}, emit=lambda c: lines.append(c.line()),
-                              **kw)  # type: ignore[arg-type]
+    checks = await run_doctor(
+        env_file=None, settings=settings, env=env or {}, emit=lambda c: lines.append(c.line()), **kw
+    )  # type: ignore[arg-type]
     return checks, "\n".join(lines)
 
 
@@ -303,8 +305,14 @@ def test_exit_codes_redactor_and_plain_printer() -> None:
 def shenron(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "SHENRON_", "KB_", "DISCORD_"))}
     full_env.update(env, PYTHONPATH=str(REPO), KB_ENABLED="false")
-    return subprocess.run([sys.executable, "-m", "bot", "doctor", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "bot", "doctor", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("max_parallel", [1, 4])
@@ -339,8 +347,13 @@ def test_doctor_json_with_a_key_and_a_loose_env_file(tmp_path: Path) -> None:
     assert doc["status"] == "warn" and doc["exit_code"] == 1
     checks = {c["name"]: c for c in doc["checks"]}
     assert checks[".env"]["status"] == "warn" and checks[".env"]["fix"] == "chmod 600 .env"
-    assert checks["backend local API key"] == {"name": "backend local API key", "status": "ok",
-                                               "detail": "accepted (SHENRON_TEST_KEY)", "fix": "", "data": {}}
+    assert checks["backend local API key"] == {
+        "name": "backend local API key",
+        "status": "ok",
+        "detail": "accepted (SHENRON_TEST_KEY)",
+        "fix": "",
+        "data": {},
+    }
     probe = checks["backend local parallelism"]
     assert probe["status"] == "ok" and probe["data"]["at_once"] == 4 and probe["data"]["requested"] == 4
     assert probe["data"]["matches_config"] is True and len(probe["data"]["rounds"][0]["requests"]) == 4

@@ -40,9 +40,7 @@ async def stream_frames(url: str, model: str, **extra: Any) -> Frames:
 
 def content_of(frames: Frames, field: str = "content") -> str:
     return "".join(
-        f["choices"][0]["delta"].get(field) or ""
-        for f in frames
-        if isinstance(f, dict) and f.get("choices")
+        f["choices"][0]["delta"].get(field) or "" for f in frames if isinstance(f, dict) and f.get("choices")
     )
 
 

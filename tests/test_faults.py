@@ -28,13 +28,20 @@ FIRST_TOKEN_TIMEOUT = 0.6
 TOTAL_TIMEOUT = 1.2
 
 
-def two_backend_council(alpha_url: str, beta_url: str, alpha_model: str | None = None,
-                        **alpha_kw: object) -> CouncilConfig:
+def two_backend_council(
+    alpha_url: str, beta_url: str, alpha_model: str | None = None, **alpha_kw: object
+) -> CouncilConfig:
     kw = {"first_token_timeout_s": FIRST_TOKEN_TIMEOUT, "total_timeout_s": TOTAL_TIMEOUT, **alpha_kw}
     backends = {"alpha": make_backend(alpha_url, "alpha", **kw), "beta": make_backend(beta_url, "beta")}
     fighters = tuple(
-        Fighter(name=n, emoji="🥋", role="r", persona="p", model=(n in ALPHA and alpha_model) or n.lower(),
-                backend="alpha" if n in ALPHA else "beta")
+        Fighter(
+            name=n,
+            emoji="🥋",
+            role="r",
+            persona="p",
+            model=(n in ALPHA and alpha_model) or n.lower(),
+            backend="alpha" if n in ALPHA else "beta",
+        )
         for n in ALPHA + BETA
     )
     synth = Synthesizer(name="SHENRON", emoji="🐉", model="shenron", backend="beta", prompt="Synthesise.")
@@ -70,8 +77,9 @@ async def rig(alpha: FakeLLM | None = None, **alpha_kw: object) -> AsyncIterator
             await alpha.close()
 
 
-def assert_final_and_timely(result: CouncilResult, failing: tuple[str, ...], kind: str, words: str,
-                            limit: float = TOTAL_TIMEOUT) -> None:
+def assert_final_and_timely(
+    result: CouncilResult, failing: tuple[str, ...], kind: str, words: str, limit: float = TOTAL_TIMEOUT
+) -> None:
     by_name = {a.fighter: a for a in result.answers}
     assert set(by_name) == set(ALPHA + BETA), "every fighter ends in a final state"
     for name in failing:
@@ -96,8 +104,15 @@ def assert_final_and_timely(result: CouncilResult, failing: tuple[str, ...], kin
         (Script(text="a b c", malformed_after=1), "malformed", "malformed chunk"),
         (Script(text="a b c d", drop_after=2), "incomplete", "mid-answer"),
     ],
-    ids=["accepts-never-answers", "first-token-then-stall", "500-with-body", "503-never-clears",
-         "error-inside-stream", "malformed-sse", "dropped-mid-stream"],
+    ids=[
+        "accepts-never-answers",
+        "first-token-then-stall",
+        "500-with-body",
+        "503-never-clears",
+        "error-inside-stream",
+        "malformed-sse",
+        "dropped-mid-stream",
+    ],
 )
 async def test_fault_on_one_backend(script: Script, kind: str, words: str) -> None:
     async with rig() as r:
@@ -120,8 +135,13 @@ async def test_fault_on_one_backend(script: Script, kind: str, words: str) -> No
         Script(text="fine answer", close_connection=True),
         Script(text="fine answer", first_token_delay=FIRST_TOKEN_TIMEOUT / 2),
     ],
-    ids=["429-retry-after", "503-retry-after", "no-done-but-finished", "close-after-each-response",
-         "slow-first-token-within-its-timeout"],
+    ids=[
+        "429-retry-after",
+        "503-retry-after",
+        "no-done-but-finished",
+        "close-after-each-response",
+        "slow-first-token-within-its-timeout",
+    ],
 )
 async def test_recoverable_faults_still_give_answers(script: Script) -> None:
     async with rig() as r:

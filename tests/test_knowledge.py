@@ -66,6 +66,7 @@ def name_and_heading(passage: object) -> tuple[str, str]:
 
 # --- ingestion and retrieval ---------------------------------------------------------------------
 
+
 async def test_each_question_retrieves_the_passage_that_answers_it(kb: KnowledgeBase, corpus: Path) -> None:
     report = await kb.add_paths([corpus])
     assert sorted(Path(o.source).name for o in report.added) == ["garden.html", "power.txt", "runbook.md"]
@@ -161,7 +162,10 @@ async def test_list_and_remove_sources(kb: KnowledgeBase, corpus: Path) -> None:
     await kb.add_paths([corpus])
     sources = await kb.list_sources()
     assert [(Path(s.source).name, s.kind, s.chunks) for s in sources] == [
-        ("garden.html", "html", 1), ("power.txt", "text", 1), ("runbook.md", "markdown", 3)]
+        ("garden.html", "html", 1),
+        ("power.txt", "text", 1),
+        ("runbook.md", "markdown", 3),
+    ]
     assert sources[2].title == "Homelab runbook" and sources[2].added_at > 0
     assert await kb.remove(sources[2].source) == 3
     assert await kb.remove(str(corpus / "power.txt")) == 1  # a path to the file works too
@@ -184,15 +188,18 @@ async def test_the_knowledge_base_survives_a_restart(tmp_path: Path, corpus: Pat
         assert [o.status for o in (await second.add_paths([corpus])).outcomes] == ["unchanged"] * 3
 
 
-async def test_searches_keep_answering_while_files_are_added(kb: KnowledgeBase, corpus: Path,
-                                                             tmp_path: Path) -> None:
+async def test_searches_keep_answering_while_files_are_added(kb: KnowledgeBase, corpus: Path, tmp_path: Path) -> None:
     await kb.add_paths([corpus])
     bulk = tmp_path / "bulk"
     bulk.mkdir()
     for f in range(8):
-        (bulk / f"host{f}.md").write_text("\n\n".join(
-            f"## Service {s}\nHost node{f} runs service {s} on port {8000 + 10 * f + s}; its logs rotate "
-            f"after {s + 1} days and its config lives in /etc/svc{s}/node{f}.conf." for s in range(6)))
+        (bulk / f"host{f}.md").write_text(
+            "\n\n".join(
+                f"## Service {s}\nHost node{f} runs service {s} on port {8000 + 10 * f + s}; its logs rotate "
+                f"after {s + 1} days and its config lives in /etc/svc{s}/node{f}.conf."
+                for s in range(6)
+            )
+        )
     loop = asyncio.get_running_loop()
     lateness: list[float] = []
 
@@ -219,6 +226,7 @@ async def test_searches_keep_answering_while_files_are_added(kb: KnowledgeBase, 
 
 # --- embedders -----------------------------------------------------------------------------------
 
+
 @asynccontextmanager
 async def serving(method: str, path: str, handler: Any) -> AsyncIterator[str]:
     """One route on a real aiohttp server at 127.0.0.1:<free port>; yields the route's URL."""
@@ -239,8 +247,10 @@ async def embeddings_url() -> AsyncIterator[str]:
     async def embeddings(request: web.Request) -> web.Response:
         body = await request.json()
         if body.get("model") != EMBED_MODEL:
-            return web.json_response({"error": {"message": f"model '{body.get('model')}' not found",
-                                                "type": "invalid_request_error"}}, status=404)
+            return web.json_response(
+                {"error": {"message": f"model '{body.get('model')}' not found", "type": "invalid_request_error"}},
+                status=404,
+            )
         vectors = await asyncio.to_thread(encode_minilm, body["input"])
         data = [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]
         return web.json_response({"object": "list", "data": data[::-1], "model": EMBED_MODEL})  # any order
@@ -268,8 +278,9 @@ async def test_another_embedder_is_refused_with_the_way_out(tmp_path: Path, corp
         assert (await kb.stats()).chunks == 5
 
 
-async def test_rebuild_re_embeds_every_chunk_with_the_new_embedder(tmp_path: Path, corpus: Path,
-                                                                   embeddings_url: str) -> None:
+async def test_rebuild_re_embeds_every_chunk_with_the_new_embedder(
+    tmp_path: Path, corpus: Path, embeddings_url: str
+) -> None:
     async with await KnowledgeBase.open(settings_for(tmp_path)) as kb:
         await kb.add_paths([corpus])
         listed = await kb.list_sources()
@@ -287,8 +298,9 @@ async def test_rebuild_re_embeds_every_chunk_with_the_new_embedder(tmp_path: Pat
         await KnowledgeBase.open(settings_for(tmp_path))
 
 
-async def test_a_failed_rebuild_leaves_the_collection_as_it_was(tmp_path: Path, corpus: Path,
-                                                                embeddings_url: str) -> None:
+async def test_a_failed_rebuild_leaves_the_collection_as_it_was(
+    tmp_path: Path, corpus: Path, embeddings_url: str
+) -> None:
     async with await KnowledgeBase.open(settings_for(tmp_path)) as kb:
         await kb.add_paths([corpus])
     settings, backends = openai_settings(tmp_path, embeddings_url, model="no-such-model")
@@ -332,8 +344,9 @@ async def stalling_download() -> AsyncIterator[str]:
         yield url
 
 
-async def test_chroma_model_download_gives_up_and_names_the_alternatives(tmp_path: Path,
-                                                                         stalling_download: str) -> None:
+async def test_chroma_model_download_gives_up_and_names_the_alternatives(
+    tmp_path: Path, stalling_download: str
+) -> None:
     for url in (f"http://127.0.0.1:{free_port()}/onnx.tar.gz", stalling_download):
         started = time.monotonic()
         with pytest.raises(EmbedderError) as caught:
@@ -346,8 +359,10 @@ async def test_chroma_model_download_gives_up_and_names_the_alternatives(tmp_pat
 
 # --- one embedded folder, one writer ------------------------------------------------------------
 
-async def test_another_process_cannot_write_while_the_folder_is_open(tmp_path: Path, corpus: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+
+async def test_another_process_cannot_write_while_the_folder_is_open(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(store, "LOCK_WAIT_S", 0.3)
     holder = textwrap.dedent(f"""
         import asyncio, dataclasses, sys
@@ -362,8 +377,9 @@ async def test_another_process_cannot_write_while_the_folder_is_open(tmp_path: P
             await kb.close()
         asyncio.run(main())
     """)
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", holder, stdin=subprocess.PIPE,
-                                                stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", holder, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent
+    )
     try:
         assert await proc.stdout.readline() == b"open\n"  # type: ignore[union-attr]
         async with await KnowledgeBase.open(settings_for(tmp_path)) as kb:  # reading is fine
@@ -380,8 +396,8 @@ async def test_another_process_cannot_write_while_the_folder_is_open(tmp_path: P
 
 # --- the embedded folder served by a child process (for the bot) ---------------------------------
 
-async def test_a_served_folder_works_like_the_embedded_one_and_its_child_ends(tmp_path: Path,
-                                                                               corpus: Path) -> None:
+
+async def test_a_served_folder_works_like_the_embedded_one_and_its_child_ends(tmp_path: Path, corpus: Path) -> None:
     settings = settings_for(tmp_path)
     async with await KnowledgeBase.open(settings, serve=True) as kb:
         child = kb.store.child
@@ -409,8 +425,9 @@ async def test_the_served_child_ends_when_its_parent_is_killed(tmp_path: Path) -
             sys.stdin.readline()
         asyncio.run(main())
     """)
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", parent, stdin=subprocess.PIPE,
-                                                stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent
+    )
     child_pid = int(await proc.stdout.readline())  # type: ignore[union-attr]
     proc.kill()
     await proc.wait()
@@ -431,6 +448,7 @@ def _state(pid: int) -> str:
 
 # --- a Chroma server -----------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -447,8 +465,9 @@ def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
-async def test_server_mode_stores_searches_and_keeps_the_embedder(chroma_server: str, tmp_path: Path,
-                                                                  corpus: Path) -> None:
+async def test_server_mode_stores_searches_and_keeps_the_embedder(
+    chroma_server: str, tmp_path: Path, corpus: Path
+) -> None:
     settings = settings_for(tmp_path, chroma_url=chroma_server, kb_collection="server-test")
     async with await KnowledgeBase.open(settings) as kb:
         assert len((await kb.add_paths([corpus])).added) == 3

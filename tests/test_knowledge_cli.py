@@ -34,8 +34,13 @@ def test_add_reports_what_it_did_and_is_idempotent(workdir: Path, capsys: pytest
     code, out, _ = run(capsys, "add", "docs", "missing.md")
     assert code == 0
     assert "added docs/runbook.md (3 chunks)" in " ".join(out.split())
-    for line in ("files added │ 3", "files skipped │ 2", "chunks stored │ 5",
-                 "skipped because │ unsupported file type (.png) (1)", "skipped because │ does not exist (1)"):
+    for line in (
+        "files added │ 3",
+        "files skipped │ 2",
+        "chunks stored │ 5",
+        "skipped because │ unsupported file type (.png) (1)",
+        "skipped because │ does not exist (1)",
+    ):
         assert line in " ".join(out.split()), line
     code, out, _ = run(capsys, "add", "docs/runbook.md")
     assert code == 0 and "files unchanged │ 1" in " ".join(out.split()) and "chunks stored │ 0" in " ".join(out.split())
@@ -52,7 +57,8 @@ def test_search_shows_passages_or_says_none_is_relevant(workdir: Path, capsys: p
     assert code == 0
     passages = json.loads(out)
     assert [(p["source"], p["heading"], p["label"]) for p in passages] == [
-        ("docs/runbook.md", "RAID", "runbook.md › RAID")]
+        ("docs/runbook.md", "RAID", "runbook.md › RAID")
+    ]
     assert 0.35 <= passages[0]["score"] <= 1
     code, out, _ = run(capsys, "search", "How", "do", "I", "swap", "a", "dead", "drive?", "-k", "2")
     assert code == 0 and "runbook.md › RAID" in out and "mdadm" in out
@@ -68,7 +74,10 @@ def test_list_stats_and_remove(workdir: Path, capsys: pytest.CaptureFixture[str]
     run(capsys, "add", "docs")
     code, out, _ = run(capsys, "list", "--json")
     assert [(s["source"], s["chunks"]) for s in json.loads(out)] == [
-        ("docs/garden.html", 1), ("docs/power.txt", 1), ("docs/runbook.md", 3)]
+        ("docs/garden.html", 1),
+        ("docs/power.txt", 1),
+        ("docs/runbook.md", 3),
+    ]
     code, out, _ = run(capsys, "stats", "--json")
     stats = json.loads(out)
     assert (stats["chunks"], stats["documents"], stats["mode"], stats["collection"]) == (5, 3, "embedded", "shenron")
@@ -80,8 +89,9 @@ def test_list_stats_and_remove(workdir: Path, capsys: pytest.CaptureFixture[str]
     assert "Traceback" not in err
 
 
-def test_mistakes_are_one_line_with_the_fix(workdir: Path, capsys: pytest.CaptureFixture[str],
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mistakes_are_one_line_with_the_fix(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     run(capsys, "add", "docs/power.txt")
     monkeypatch.setenv("KB_EMBEDDER", "chroma")  # not the embedder the collection was built with
     code, out, err = run(capsys, "search", "power")

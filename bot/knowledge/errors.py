@@ -31,7 +31,9 @@ class EmbedderMismatchError(KnowledgeError):
         self.collection, self.stored, self.configured = collection, stored, configured
         super().__init__(
             f"collection {collection!r} was built with embedder {stored}, but KB_EMBEDDER is "
-            f"{configured}; vectors from different models cannot be compared", fix)
+            f"{configured}; vectors from different models cannot be compared",
+            fix,
+        )
 
 
 class StoreError(KnowledgeError):

@@ -100,16 +100,27 @@ class KBStats:
 class KnowledgeBase:
     """Open with ``await KnowledgeBase.open(settings, session, backends)``; ``await kb.close()``."""
 
-    def __init__(self, settings: Settings, store: ChromaStore, embedder: Embedder,
-                 own_session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ChromaStore,
+        embedder: Embedder,
+        own_session: aiohttp.ClientSession | None = None,
+    ) -> None:
         self.settings, self.store, self.embedder = settings, store, embedder
         self._own_session = own_session
         self._closed = False
 
     @classmethod
-    async def open(cls, settings: Settings, session: aiohttp.ClientSession | None = None,
-                   backends: Mapping[str, Backend] | None = None, *,
-                   check_embedder: bool = True, serve: bool = False) -> KnowledgeBase:
+    async def open(
+        cls,
+        settings: Settings,
+        session: aiohttp.ClientSession | None = None,
+        backends: Mapping[str, Backend] | None = None,
+        *,
+        check_embedder: bool = True,
+        serve: bool = False,
+    ) -> KnowledgeBase:
         """Connect to the collection named by the settings, creating it when it does not exist.
 
         Raises ConfigError for a malformed KB_EMBEDDER, StoreError when Chroma is unusable and
@@ -125,8 +136,9 @@ class KnowledgeBase:
             session = own = aiohttp.ClientSession()
         try:
             embedder = make_embedder(settings.kb_embedder, session=session, backends=backends)
-            store = await asyncio.to_thread(ChromaStore.open, settings, embedder.identity,
-                                            check_embedder=check_embedder, serve=serve)
+            store = await asyncio.to_thread(
+                ChromaStore.open, settings, embedder.identity, check_embedder=check_embedder, serve=serve
+            )
         except BaseException:
             if own is not None:
                 await own.close()
@@ -152,8 +164,7 @@ class KnowledgeBase:
 
     # -- retrieval ------------------------------------------------------------------------------
 
-    async def search(self, query: str, k: int | None = None,
-                     min_score: float | None = None) -> list[Passage]:
+    async def search(self, query: str, k: int | None = None, min_score: float | None = None) -> list[Passage]:
         """The ``k`` closest chunks (default KB_TOP_K) scoring at least ``min_score`` (default
         KB_MIN_SCORE), best first. Score is cosine similarity clipped to 0..1: an unrelated question
         gets no passages rather than the least bad ones."""
@@ -165,17 +176,22 @@ class KnowledgeBase:
         vector = (await self.embedder.embed([query]))[0]
         hits = await asyncio.to_thread(self.store.query, vector, k)
         passages = [
-            Passage(text=h.text, source=str(h.metadata.get("source", "")),
-                    title=str(h.metadata.get("title", "")), heading=str(h.metadata.get("heading", "")),
-                    score=min(1.0, max(0.0, 1.0 - h.distance)))
+            Passage(
+                text=h.text,
+                source=str(h.metadata.get("source", "")),
+                title=str(h.metadata.get("title", "")),
+                heading=str(h.metadata.get("heading", "")),
+                score=min(1.0, max(0.0, 1.0 - h.distance)),
+            )
             for h in hits
         ]
         return [p for p in passages if p.score >= threshold]
 
     # -- ingestion ------------------------------------------------------------------------------
 
-    async def add_paths(self, paths: Iterable[str | Path],
-                        progress: Callable[[IngestProgress], Any] | None = None) -> IngestReport:
+    async def add_paths(
+        self, paths: Iterable[str | Path], progress: Callable[[IngestProgress], Any] | None = None
+    ) -> IngestReport:
         """Add files and folders (recursively). Unchanged files are left alone, changed ones
         replaced; files that cannot be used are skipped with a reason, never fatal."""
         started = time.perf_counter()
@@ -211,14 +227,19 @@ class KnowledgeBase:
         key = hashlib.sha256(source.encode()).hexdigest()[:16]
         now = time.time()
         removed = await asyncio.to_thread(
-            self.store.replace_source, source, doc.content_hash,
-            [f"{key}:{doc.content_hash[:16]}:{c.index}" for c in chunks], vectors,
-            [c.text for c in chunks], [_metadata(doc, c, len(chunks), now) for c in chunks])
+            self.store.replace_source,
+            source,
+            doc.content_hash,
+            [f"{key}:{doc.content_hash[:16]}:{c.index}" for c in chunks],
+            vectors,
+            [c.text for c in chunks],
+            [_metadata(doc, c, len(chunks), now) for c in chunks],
+        )
         log.info("%s: %d chunks (%d old ones dropped)", source, len(chunks), removed)
         return FileOutcome(source, "replaced" if removed else "added", chunks=len(chunks), removed=removed)
 
     async def _embed(self, texts: Sequence[str]) -> np.ndarray:
-        parts = [await self.embedder.embed(texts[i:i + EMBED_BATCH]) for i in range(0, len(texts), EMBED_BATCH)]
+        parts = [await self.embedder.embed(texts[i : i + EMBED_BATCH]) for i in range(0, len(texts), EMBED_BATCH)]
         return np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
 
     # -- management -----------------------------------------------------------------------------
@@ -238,8 +259,7 @@ class KnowledgeBase:
 
     async def stats(self) -> KBStats:
         chunks = await asyncio.to_thread(self.store.count)
-        return KBStats(self.settings.kb_collection, chunks, self.store.embedder, self.store.mode,
-                       self.store.location)
+        return KBStats(self.settings.kb_collection, chunks, self.store.embedder, self.store.mode, self.store.location)
 
     async def rebuild(self, progress: Callable[[int, int], Any] | None = None) -> int:
         """Re-embed every stored chunk with the configured embedder (after KB_EMBEDDER changed).
@@ -252,11 +272,14 @@ class KnowledgeBase:
         done = 0
         try:
             while (page := await asyncio.to_thread(self.store.page, done, ("documents", "metadatas")))["ids"]:
-                texts = [_stored_chunk(doc, meta).embedding_text(str(meta.get("title", "")))
-                         for doc, meta in zip(page["documents"], page["metadatas"], strict=True)]
+                texts = [
+                    _stored_chunk(doc, meta).embedding_text(str(meta.get("title", "")))
+                    for doc, meta in zip(page["documents"], page["metadatas"], strict=True)
+                ]
                 vectors = await self._embed(texts)
-                await asyncio.to_thread(self.store.add_rows, new, page["ids"], vectors, page["documents"],
-                                        page["metadatas"])
+                await asyncio.to_thread(
+                    self.store.add_rows, new, page["ids"], vectors, page["documents"], page["metadatas"]
+                )
                 done += len(page["ids"])
                 if progress:
                     progress(done, total)

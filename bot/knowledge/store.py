@@ -72,10 +72,15 @@ class SourceInfo:
 
 
 def rebuild_hint(settings: Settings) -> str:
-    where = (f"delete the folder {settings.chroma_path}" if settings.chroma_url is None
-             else f"delete collection {settings.kb_collection!r} on the server")
-    return (f"run `shenron kb rebuild` to re-embed it with {settings.kb_embedder}, set KB_EMBEDDER back, "
-            f"use another KB_COLLECTION, or {where} and add the files again")
+    where = (
+        f"delete the folder {settings.chroma_path}"
+        if settings.chroma_url is None
+        else f"delete collection {settings.kb_collection!r} on the server"
+    )
+    return (
+        f"run `shenron kb rebuild` to re-embed it with {settings.kb_embedder}, set KB_EMBEDDER back, "
+        f"use another KB_COLLECTION, or {where} and add the files again"
+    )
 
 
 class FolderLock:
@@ -145,7 +150,8 @@ class FolderLock:
             f"the knowledge base in {self.folder} {why} (the bot, or another shenron command); "
             "an embedded Chroma folder serves one writer at a time",
             "use /kb add in Discord while the bot runs, stop the other process, or share the "
-            "knowledge base through a Chroma server (chroma run --path FOLDER, then CHROMA_URL)")
+            "knowledge base through a Chroma server (chroma run --path FOLDER, then CHROMA_URL)",
+        )
 
 
 def _client_settings() -> Any:
@@ -157,8 +163,14 @@ def _client_settings() -> Any:
 class ChromaStore:
     """One collection, opened for one embedder identity."""
 
-    def __init__(self, client: Any, collection: Any, settings: Settings, lock: FolderLock | None,
-                 child: ChromaProcess | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        collection: Any,
+        settings: Settings,
+        lock: FolderLock | None,
+        child: ChromaProcess | None = None,
+    ) -> None:
         self.client, self.collection, self.settings, self.lock = client, collection, settings, lock
         self.child = child
         self.mode = "server" if settings.chroma_url else "embedded"
@@ -167,8 +179,9 @@ class ChromaStore:
     # -- opening --------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, settings: Settings, embedder: str, *, check_embedder: bool = True,
-             serve: bool = False) -> ChromaStore:
+    def open(
+        cls, settings: Settings, embedder: str, *, check_embedder: bool = True, serve: bool = False
+    ) -> ChromaStore:
         """``serve``: run the embedded folder in a `chroma run` child process and talk HTTP to it,
         so that Chroma's writes never pause this process's event loop (for the bot)."""
         lock = child = None
@@ -204,16 +217,20 @@ class ChromaStore:
         except NotFoundError:
             with self._writing():
                 collection = self.client.get_or_create_collection(
-                    name, configuration={"hnsw": dict(HNSW)}, embedding_function=None,
-                    metadata={"embedder": embedder, "shenron_schema": SCHEMA})
+                    name,
+                    configuration={"hnsw": dict(HNSW)},
+                    embedding_function=None,
+                    metadata={"embedder": embedder, "shenron_schema": SCHEMA},
+                )
             log.info("created collection %s for embedder %s", name, embedder)
         stored = (collection.metadata or {}).get("embedder")
         if stored is None and collection.count() == 0:
             with self._writing():
                 collection.modify(metadata={"embedder": embedder, "shenron_schema": SCHEMA})
         elif check and stored != embedder:
-            raise EmbedderMismatchError(name, stored or "an unknown embedder (not made by SHENRON)",
-                                        embedder, rebuild_hint(self.settings))
+            raise EmbedderMismatchError(
+                name, stored or "an unknown embedder (not made by SHENRON)", embedder, rebuild_hint(self.settings)
+            )
         return collection
 
     @property
@@ -245,10 +262,15 @@ class ChromaStore:
         return self.collection.count()
 
     def query(self, vector: np.ndarray, k: int) -> list[Hit]:
-        result = self.collection.query(query_embeddings=vector[None, :], n_results=k,
-                                       include=["documents", "metadatas", "distances"])
-        return [Hit(doc or "", dict(meta or {}), float(dist)) for doc, meta, dist in
-                zip(result["documents"][0], result["metadatas"][0], result["distances"][0], strict=True)]
+        result = self.collection.query(
+            query_embeddings=vector[None, :], n_results=k, include=["documents", "metadatas", "distances"]
+        )
+        return [
+            Hit(doc or "", dict(meta or {}), float(dist))
+            for doc, meta, dist in zip(
+                result["documents"][0], result["metadatas"][0], result["distances"][0], strict=True
+            )
+        ]
 
     def content_hash(self, source: str) -> str | None:
         """The hash of the file that the stored chunks of ``source`` came from, or None."""
@@ -267,15 +289,32 @@ class ChromaStore:
             for meta in page["metadatas"]:
                 entry = found.setdefault(str(meta.get("source", "")), {"meta": meta, "chunks": 0})
                 entry["chunks"] += 1
-        return sorted((SourceInfo(source, str(e["meta"].get("title", "")), str(e["meta"].get("kind", "")),
-                                  e["chunks"], str(e["meta"].get("content_hash", "")),
-                                  float(e["meta"].get("added_at", 0.0)))
-                       for source, e in found.items()), key=lambda s: s.source)
+        return sorted(
+            (
+                SourceInfo(
+                    source,
+                    str(e["meta"].get("title", "")),
+                    str(e["meta"].get("kind", "")),
+                    e["chunks"],
+                    str(e["meta"].get("content_hash", "")),
+                    float(e["meta"].get("added_at", 0.0)),
+                )
+                for source, e in found.items()
+            ),
+            key=lambda s: s.source,
+        )
 
     # -- writing --------------------------------------------------------------------------------
 
-    def replace_source(self, source: str, content_hash: str, ids: Sequence[str], vectors: np.ndarray,
-                       documents: Sequence[str], metadatas: Sequence[dict[str, Any]]) -> int:
+    def replace_source(
+        self,
+        source: str,
+        content_hash: str,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        documents: Sequence[str],
+        metadatas: Sequence[dict[str, Any]],
+    ) -> int:
         """Store a file's chunks, then drop the chunks of its previous version. Returns how many
         were dropped. New before old: a search meanwhile finds one version or the other."""
         with self._writing():
@@ -289,7 +328,7 @@ class ChromaStore:
 
     def _delete(self, ids: Sequence[str]) -> int:
         for start in range(0, len(ids), DELETE_BATCH):
-            self.collection.delete(ids=list(ids[start:start + DELETE_BATCH]))
+            self.collection.delete(ids=list(ids[start : start + DELETE_BATCH]))
         return len(ids)
 
     def start_rebuild(self, embedder: str) -> Any:
@@ -297,11 +336,20 @@ class ChromaStore:
         self.abandon_rebuild()  # one left by a rebuild that was killed
         with self._writing():
             return self.client.create_collection(
-                self._rebuild_name, configuration={"hnsw": dict(HNSW)}, embedding_function=None,
-                metadata={"embedder": embedder, "shenron_schema": SCHEMA})
+                self._rebuild_name,
+                configuration={"hnsw": dict(HNSW)},
+                embedding_function=None,
+                metadata={"embedder": embedder, "shenron_schema": SCHEMA},
+            )
 
-    def add_rows(self, collection: Any, ids: Sequence[str], vectors: np.ndarray,
-                 documents: Sequence[str], metadatas: Sequence[dict[str, Any]]) -> None:
+    def add_rows(
+        self,
+        collection: Any,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        documents: Sequence[str],
+        metadatas: Sequence[dict[str, Any]],
+    ) -> None:
         with self._writing():
             _upsert(collection, ids, vectors, documents, metadatas)
 
@@ -339,17 +387,23 @@ class ChromaProcess:
     def start(cls, folder: Path) -> ChromaProcess:
         exe = Path(sys.executable).parent / ("chroma.exe" if os.name == "nt" else "chroma")
         if not exe.exists():
-            raise StoreError(f"the chroma command is not installed beside {sys.executable}",
-                             "reinstall chromadb (uv sync), or set CHROMA_URL to a running Chroma server")
+            raise StoreError(
+                f"the chroma command is not installed beside {sys.executable}",
+                "reinstall chromadb (uv sync), or set CHROMA_URL to a running Chroma server",
+            )
         folder.mkdir(parents=True, exist_ok=True)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         log_path = folder / ".chroma-server.log"
         with log_path.open("wb") as log_file:
-            proc = subprocess.Popen([str(exe), "run", "--path", str(folder), "--host", "127.0.0.1", "--port",
-                                     str(port)], stdin=subprocess.DEVNULL, stdout=log_file,
-                                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(
+                [str(exe), "run", "--path", str(folder), "--host", "127.0.0.1", "--port", str(port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
         child = cls(proc, f"http://127.0.0.1:{port}", log_path)
         deadline = time.monotonic() + cls.START_TIMEOUT_S
         while True:
@@ -360,8 +414,10 @@ class ChromaProcess:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     child.stop()
                     tail = log_path.read_text(errors="replace")[-500:].strip()
-                    raise StoreError(f"chroma run on {folder} did not start ({tail or 'no output'})",
-                                     "see that log, or set CHROMA_URL to a running Chroma server") from None
+                    raise StoreError(
+                        f"chroma run on {folder} did not start ({tail or 'no output'})",
+                        "see that log, or set CHROMA_URL to a running Chroma server",
+                    ) from None
                 time.sleep(0.05)  # polling its heartbeat until it answers
 
     def stop(self) -> None:
@@ -384,12 +440,21 @@ def _die_with_parent() -> None:
         _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _upsert(collection: Any, ids: Sequence[str], vectors: np.ndarray, documents: Sequence[str],
-            metadatas: Sequence[dict[str, Any]]) -> None:
+def _upsert(
+    collection: Any,
+    ids: Sequence[str],
+    vectors: np.ndarray,
+    documents: Sequence[str],
+    metadatas: Sequence[dict[str, Any]],
+) -> None:
     for start in range(0, len(ids), WRITE_BATCH):
         end = start + WRITE_BATCH
-        collection.upsert(ids=list(ids[start:end]), embeddings=vectors[start:end],
-                          documents=list(documents[start:end]), metadatas=list(metadatas[start:end]))
+        collection.upsert(
+            ids=list(ids[start:end]),
+            embeddings=vectors[start:end],
+            documents=list(documents[start:end]),
+            metadatas=list(metadatas[start:end]),
+        )
 
 
 def _persistent_client(path: Path) -> Any:
@@ -398,9 +463,10 @@ def _persistent_client(path: Path) -> Any:
     try:
         return chromadb.PersistentClient(path=str(path), settings=_client_settings())
     except Exception as exc:
-        raise StoreError(f"cannot open the Chroma folder {path} ({type(exc).__name__}: {exc})",
-                         "check that the folder is writable and was made by chromadb 1.x; "
-                         "or set CHROMA_PATH to another folder") from None
+        raise StoreError(
+            f"cannot open the Chroma folder {path} ({type(exc).__name__}: {exc})",
+            "check that the folder is writable and was made by chromadb 1.x; or set CHROMA_PATH to another folder",
+        ) from None
 
 
 def _http_client(url: str) -> Any:
@@ -410,11 +476,14 @@ def _http_client(url: str) -> Any:
     ssl = parts.scheme == "https"
     port = parts.port or (443 if ssl else 8000)
     try:
-        client = chromadb.HttpClient(host=parts.hostname or "localhost", port=port, ssl=ssl,
-                                     settings=_client_settings())
+        client = chromadb.HttpClient(
+            host=parts.hostname or "localhost", port=port, ssl=ssl, settings=_client_settings()
+        )
         client.heartbeat()
     except Exception as exc:
-        raise StoreError(f"cannot reach the Chroma server at CHROMA_URL={url} ({type(exc).__name__}: {exc})",
-                         "start it with `chroma run --path data/chroma --port 8000`, fix CHROMA_URL, "
-                         "or remove CHROMA_URL to use the embedded store") from None
+        raise StoreError(
+            f"cannot reach the Chroma server at CHROMA_URL={url} ({type(exc).__name__}: {exc})",
+            "start it with `chroma run --path data/chroma --port 8000`, fix CHROMA_URL, "
+            "or remove CHROMA_URL to use the embedded store",
+        ) from None
     return client
