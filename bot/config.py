@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 DEFAULT_COUNCIL_FILE = "council.toml"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _\-]{0,31}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A Discord bot token: three base64url parts (user ID, timestamp, HMAC); lengths vary over the years.
+DISCORD_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{20,}$")
 
 
 class ConfigError(Exception):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import signal
 import time
 from collections import OrderedDict
@@ -26,7 +25,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.config import ConfigError, CouncilConfig, Settings
+from bot.config import DISCORD_TOKEN_RE, ConfigError, CouncilConfig, Settings
 from bot.council import CouncilEngine
 from bot.events import Passage
 from bot.health import probe_backends
@@ -45,8 +44,6 @@ THROTTLE_IDLE_S = 300.0  # a channel's throttle is forgotten after this long wit
 DISCORD_TRIES = 3
 T = TypeVar("T")
 
-# Three base64url parts: user id, timestamp, HMAC. Lengths vary over the years; keep it loose.
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{20,}$")
 _PORTAL = "Discord Developer Portal → your application → Bot → Reset Token"
 
 
@@ -81,7 +78,7 @@ def check_token(token: str | None) -> str:
             "contains quotes or spaces",
             "write it as DISCORD_TOKEN=<token> with nothing around the token",
         )
-    if not _TOKEN_RE.match(token):
+    if not DISCORD_TOKEN_RE.match(token):
         raise ConfigError(
             ".env",
             "DISCORD_TOKEN",

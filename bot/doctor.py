@@ -28,7 +28,8 @@ from typing import Any
 
 import aiohttp
 
-from bot.config import ConfigError, CouncilConfig, Settings, load_council, load_settings
+from bot.config import DISCORD_TOKEN_RE, ConfigError, CouncilConfig, Settings, load_council, load_settings
+from bot.health import same_model, users_of
 from bot.llm import AuthError, HTTPStatusError, LLMClient, LLMError, make_session
 from bot.parallelism import plan_probes, probe_parallelism
 
@@ -43,8 +44,6 @@ MODELS_TIMEOUT_S = 10.0
 KB_TIMEOUT_S = 60.0
 PROBE_TIMEOUT_S = 60.0
 PORTAL = "Discord Developer Portal → your application → Bot → Reset Token"
-# Three base64url parts: user ID, timestamp, HMAC (the same shape bot.discord_bot checks at start-up).
-TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{20,}$")
 BASE64URL_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 REDACTED = "[secret]"
 
@@ -157,22 +156,6 @@ def check_council(settings: Settings, env: Mapping[str, str] | None) -> tuple[Ch
 # --- backends ----------------------------------------------------------------------------------
 
 
-def _same_model(wanted: str, served: str) -> bool:
-    # Ollama lists "llama3:latest" for the model a roster calls "llama3".
-    return wanted == served or f"{wanted}:latest" == served or wanted == f"{served}:latest"
-
-
-def roster_on(council: CouncilConfig, backend: str) -> list[tuple[str, str]]:
-    """(who, model) for everyone on the roster who talks to ``backend``."""
-    users = [(f.name, f.model) for f in council.fighters if f.backend == backend]
-    s = council.synthesizer
-    if s.backend == backend:
-        users.append((s.name, s.model))
-    if (s.fallback_model or s.fallback_backend) and (s.fallback_backend or s.backend) == backend:
-        users.append((f"{s.name} (fallback)", s.fallback_model or s.model))
-    return users
-
-
 def _fix_unreachable(council: CouncilConfig, name: str) -> str:
     return (
         f"start the server, or correct base_url in [backends.{name}] of {council.source} "
@@ -247,9 +230,9 @@ async def check_backend(
     if b.api_key_env:
         checks.append(Check(f"{label} API key", OK, f"accepted ({b.api_key_env})"))
 
-    users = roster_on(council, name)
+    users = users_of(council, name)
     wanted = list(dict.fromkeys(model for _, model in users))
-    missing = [(who, model) for who, model in users if not any(_same_model(model, m) for m in served)]
+    missing = [(who, model) for who, model in users if not any(same_model(model, m) for m in served)]
     if not served:
         checks.append(
             Check(
@@ -284,7 +267,7 @@ async def check_backend(
         checks.append(Check(f"{label} parallelism", SKIP, "not measured (--skip-probe)"))
         return checks
     plan = next((p for p in plan_probes(council) if p.backend == name), None)
-    models = [m for m in (plan.models if plan else ()) if not served or any(_same_model(m, s) for s in served)]
+    models = [m for m in (plan.models if plan else ()) if not served or any(same_model(m, s) for s in served)]
     if plan is None or not models:
         checks.append(Check(f"{label} parallelism", SKIP, "not measured: no fighter's model is served here"))
         return checks
@@ -417,7 +400,7 @@ def check_discord_token(token: str | None, *, online: bool = False) -> Check:
         )
     if not all(BASE64URL_RE.match(p) for p in parts):
         return Check(name, ERROR, "has characters a bot token never contains (only A–Z, a–z, 0–9, - and _)", get)
-    if not TOKEN_RE.match(token):
+    if not DISCORD_TOKEN_RE.match(token):
         return Check(name, ERROR, "its parts are too short for a bot token (was it cut off?)", get)
     bot_id = _bot_id(parts[0])
     if bot_id is None:

@@ -32,7 +32,7 @@ class BackendHealth:
     notes: tuple[str, ...] = field(default=())  # further findings, one line each
 
 
-def _same_model(wanted: str, served: str) -> bool:
+def same_model(wanted: str, served: str) -> bool:
     # Ollama lists "llama3:latest" for a model the user calls "llama3".
     return wanted == served or f"{wanted}:latest" == served or wanted == f"{served}:latest"
 
@@ -51,7 +51,7 @@ def users_of(council: CouncilConfig, backend: str) -> list[tuple[str, str]]:
 
 def missing_models(council: CouncilConfig, backend: str, served: Sequence[str]) -> tuple[str, ...]:
     """Who on the roster names a model that ``backend`` does not list."""
-    return tuple(who for who, model in users_of(council, backend) if not any(_same_model(model, m) for m in served))
+    return tuple(who for who, model in users_of(council, backend) if not any(same_model(model, m) for m in served))
 
 
 async def probe_backend(
