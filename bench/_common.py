@@ -127,31 +127,6 @@ def fd_counts() -> dict[str, int]:
     return {"fds": len(fds), "sockets": sockets}
 
 
-def tcp_connections_to(port: int) -> int:
-    """ESTABLISHED TCP connections from this process to 127.0.0.1:<port> (via /proc/net/tcp inodes)."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
-    n = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    remote_port = int(parts[2].rsplit(":", 1)[1], 16)
-                    if remote_port == port and parts[3] == "01" and parts[9] in inodes:
-                        n += 1
-        except OSError:
-            pass
-    return n
-
-
 def percentile(values: Sequence[float], p: float) -> float:
     if not values:
         return 0.0

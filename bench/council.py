@@ -57,6 +57,7 @@ from bot.council import CouncilEngine, collect  # noqa: E402
 from bot.events import CouncilFinished, CouncilResult, FighterToken  # noqa: E402
 from bot.llm import Delta, LLMClient, make_session  # noqa: E402
 from bot.prompts import fighter_messages  # noqa: E402
+from tests.leaks import client_connections  # noqa: E402
 
 NAMES = ("GOKU", "VEGETA", "PICCOLO", "GOHAN", "KRILLIN", "FRIEZA")
 QUESTION = "Should we shard the database now or wait until the next quarter?"
@@ -499,7 +500,7 @@ def _snapshot(session: Any, port: int) -> dict[str, int]:
         "tasks": len(asyncio.all_tasks()),
         "connections_in_use": acquired,
         "connections_idle_pooled": idle,
-        "tcp_established_to_server": common.tcp_connections_to(port),
+        "tcp_established_to_server": client_connections(port),
         **common.fd_counts(),
     }
 
