@@ -60,7 +60,9 @@ class Check:
 
     def line(self) -> str:
         text = f"{SYMBOLS[self.status]} {self.name}: {self.detail}"
-        return f"{text}. Fix: {self.fix}" if self.fix else text
+        if not self.fix:
+            return text
+        return f"{text}{'' if text.endswith(('.', '?', '!')) else '.'} Fix: {self.fix}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status, "detail": self.detail, "fix": self.fix, "data": self.data}
