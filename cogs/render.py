@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import discord
+from discord.utils import escape_markdown
 
 from bot.config import Fighter, Synthesizer
 from bot.events import CouncilResult, FighterAnswer, Passage, Turn
@@ -445,7 +446,8 @@ def render_board(board: Board) -> discord.Embed:
     synth += f" · {board.synthesis_note or board.synthesis_state}"
     embed.add_field(name="Synthesis", value=clip(synth, FIELD_VALUE_LIMIT), inline=False)
     if board.sources or board.kb_note:
-        value = "\n".join(f"• {neutralize_mentions(p.label)}" for p in board.sources) or board.kb_note
+        # A heading is the document's text, not ours: show it literally (no links, no formatting).
+        value = "\n".join(f"• {escape_markdown(neutralize_mentions(p.label))}" for p in board.sources) or board.kb_note
         if board.sources and board.kb_note:
             value += f"\n{board.kb_note}"
         embed.add_field(name="📚 Sources", value=clip(value, FIELD_VALUE_LIMIT), inline=False)

@@ -379,3 +379,18 @@ def test_history_is_rebuilt_from_the_bots_own_embeds() -> None:
     assert [t.question for t in turns] == ["Q1 @everyone", "Q3"]
     assert turns[0].answer.split() == long.split()
     assert turns[1].answer == "A3"
+
+
+def test_a_source_heading_is_shown_literally_not_as_a_link() -> None:
+    from bot.events import Passage
+    from cogs.render import Board, render_board
+    from tests.factories import make_council
+
+    council = make_council("http://127.0.0.1:1/v1")
+    board = Board.for_round("q", 1, council.fighters, council.synthesizer)
+    board.sources = (Passage(text="x", source="docs/a.md", heading="[click me](https://evil.example) **bold**"),)
+    [sources] = [f for f in render_board(board).fields if f.name == "📚 Sources"]
+    import re
+
+    assert re.search(r"(?<!\\)\[", sources.value) is None, "an unescaped [ could start a masked link"
+    assert r"\[click me]" in sources.value and r"\*\*bold\*\*" in sources.value
