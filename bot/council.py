@@ -24,6 +24,7 @@ from bot.events import (
     FighterAnswer,
     FighterFailed,
     FighterFinished,
+    FighterSent,
     FighterStarted,
     FighterToken,
     Passage,
@@ -69,6 +70,7 @@ class _Progress:
     """What a fighter (or the synthesizer) has produced so far; becomes a FighterAnswer at the end."""
 
     started_at: float
+    sent_s: float | None = None
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     first_token_s: float | None = None
@@ -231,9 +233,20 @@ class CouncilEngine:
         messages = fighter_messages(f, question, history, context)
         error: str = ""
         kind: str = ""
+
+        def sent() -> None:
+            p.sent_s = self._clock() - t0
+            queue.put_nowait(FighterSent(fighter=f.name, at=p.sent_s))
+
         try:
             stream = self.client.stream_chat(
-                f.backend, f.model, messages, temperature=f.temperature, max_tokens=f.max_tokens, timeout_s=timeout
+                f.backend,
+                f.model,
+                messages,
+                temperature=f.temperature,
+                max_tokens=f.max_tokens,
+                timeout_s=timeout,
+                on_sent=sent,
             )
             async with aclosing(stream):
                 async for d in stream:
@@ -266,6 +279,7 @@ class CouncilEngine:
             error=error,
             error_kind=kind,
             started_at=p.started_at,
+            sent_s=p.sent_s,
             first_token_s=p.first_token_s,
             last_token_s=p.last_token_s,
             elapsed_s=self._clock() - t0,

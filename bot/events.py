@@ -53,6 +53,7 @@ class FighterAnswer:
     error: str = ""  # words a user can act on; empty when ok
     error_kind: str = ""  # machine-readable cause, e.g. "connect", "timeout", "http_404", "cancelled"
     started_at: float = 0.0  # seconds since the round started
+    sent_s: float | None = None  # when the request left SHENRON's own queue for the server
     first_token_s: float | None = None  # wait before the first token, since the round started
     last_token_s: float | None = None  # time of the last token, since the round started
     elapsed_s: float = 0.0  # since the round started until this fighter finished
@@ -109,6 +110,17 @@ class CouncilResult:
 class FighterStarted:
     fighter: str
     model: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class FighterSent:
+    """The request left for the server: SHENRON's own queue (the backend's max_concurrency) is behind it.
+
+    Between FighterStarted and FighterSent a fighter waits on SHENRON; after it, on the server.
+    """
+
+    fighter: str
     at: float
 
 
@@ -174,6 +186,7 @@ class CouncilFinished:
 
 Event = (
     FighterStarted
+    | FighterSent
     | FighterToken
     | FighterFinished
     | FighterFailed

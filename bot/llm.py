@@ -25,7 +25,7 @@ import json
 import logging
 import random
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -420,11 +420,13 @@ class LLMClient:
         max_tokens: int | None = None,
         timeout_s: float | None = None,
         extra: Mapping[str, Any] | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> AsyncIterator[Delta]:
         """Stream a chat completion. Closing the generator early releases the connection.
 
         ``timeout_s`` overrides the backend's total timeout. Waiting for a concurrency slot counts
-        toward the total, not toward the first-token timeout.
+        toward the total, not toward the first-token timeout; ``on_sent`` is called once a slot is
+        held and the request is about to go out.
         """
         b = self.backend(backend)
         total_s = timeout_s or b.total_timeout_s
@@ -458,6 +460,8 @@ class LLMClient:
         except TimeoutError:
             raise total_timeout() from None
         try:
+            if on_sent is not None:
+                on_sent()  # past our own queue: from here on, any wait is the server's
             resp, first_deadline = await self._open_stream(b, model, payload, deadline, total_timeout)
             clean = False
             try:

@@ -23,6 +23,7 @@ from bot.events import (
     Event,
     FighterFailed,
     FighterFinished,
+    FighterSent,
     FighterStarted,
     FighterToken,
     SynthesisFailed,
@@ -30,7 +31,7 @@ from bot.events import (
     SynthesisStarted,
     SynthesisToken,
 )
-from bot.timeline import GEN, WAIT, serialised_hint, summary_line, timeline
+from bot.timeline import GEN, LEGEND, QUEUE, WAIT, serialised_hint, summary_line, timeline
 
 
 @dataclass
@@ -43,7 +44,13 @@ class _Row:
     note: str = ""
 
 
-STATE_STYLE = {"waiting": ("⏳", "dim"), "thinking": ("💭", "yellow"), "done": ("✅", "green"), "failed": ("❌", "red")}
+STATE_STYLE = {
+    "queued": ("🕒", "dim"),  # in SHENRON's own queue (the backend's max_concurrency)
+    "waiting": ("⏳", "dim"),  # sent; waiting for the server's first token
+    "thinking": ("💭", "yellow"),
+    "done": ("✅", "green"),
+    "failed": ("❌", "red"),
+}
 
 
 class TerminalView:
@@ -93,6 +100,8 @@ class TerminalView:
         c = self.console
         match event:
             case FighterStarted(fighter=name):
+                self.rows[name].state = "queued"  # until the request leaves SHENRON's own queue
+            case FighterSent(fighter=name):
                 self.rows[name].state = "waiting"
             case FighterToken(fighter=name, text=text, reset=reset):
                 row = self.rows[name]
@@ -153,9 +162,11 @@ class TerminalView:
         for r in rows:
             bar = Text()
             for ch in r.bar.ljust(width):
-                bar.append(ch, style="grey50" if ch == WAIT else ("green" if r.ok else "red") if ch == GEN else "")
+                bar.append(
+                    ch, style="grey50" if ch in (WAIT, QUEUE) else ("green" if r.ok else "red") if ch == GEN else ""
+                )
             c.print(Text(r.name.ljust(pad) + " │"), bar, Text(f"│ {r.note}"), sep="")
-        c.print(Text(f"{WAIT} waiting for the first token   {GEN} generating", style="dim"))
+        c.print(Text(LEGEND, style="dim"))
         hint = serialised_hint(result)
         if hint:
             c.print(Text(f"⚠ {hint}", style="yellow"))
@@ -198,6 +209,7 @@ def result_json(result: CouncilResult) -> str:
                 "error": a.error or None,
                 "error_kind": a.error_kind or None,
                 "elapsed_s": round(a.elapsed_s, 3),
+                "sent_s": None if a.sent_s is None else round(a.sent_s, 3),
                 "first_token_s": None if a.first_token_s is None else round(a.first_token_s, 3),
                 "tokens": a.tokens,
             }

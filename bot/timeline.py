@@ -1,8 +1,9 @@
 """The round's timeline as text bars, shared by the terminal and Discord.
 
-One bar per fighter on a shared time axis: waiting for the first token in a light shade, generating
-in a solid one. Side-by-side fighters give stacked solid bars; a server that queues requests gives
-a staircase.
+One bar per fighter on a shared time axis: waiting in SHENRON's own queue (the backend's
+max_concurrency) as dots, waiting for the server's first token in a light shade, generating in a
+solid one. Side-by-side fighters give stacked solid bars; a server that queues requests gives a
+staircase of light shade.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 
 from bot.events import CouncilResult
 
-WAIT, GEN, IDLE = "░", "█", " "
+QUEUE, WAIT, GEN, IDLE = "·", "░", "█", " "
+LEGEND = f"{QUEUE} in SHENRON's queue  {WAIT} waiting for the first token  {GEN} generating"
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,12 +24,14 @@ class TimelineRow:
     note: str  # e.g. "8.2 s" or "failed"
 
 
-def _bar(start: float, first: float | None, end: float, scale: float, width: int) -> str:
+def _bar(start: float, sent: float | None, first: float | None, end: float, scale: float, width: int) -> str:
     cells = []
     for i in range(width):
         t = (i + 0.5) * scale  # the middle of the cell
         if t < start or t > end:
             cells.append(IDLE)
+        elif sent is not None and t < sent:
+            cells.append(QUEUE)
         elif first is None or t < first:
             cells.append(WAIT)
         else:
@@ -49,7 +53,7 @@ def timeline(result: CouncilResult, width: int = 40) -> list[TimelineRow]:
         rows.append(
             TimelineRow(
                 name=a.fighter,
-                bar=_bar(a.started_at, a.first_token_s, a.elapsed_s, scale, width),
+                bar=_bar(a.started_at, a.sent_s, a.first_token_s, a.elapsed_s, scale, width),
                 ok=a.ok,
                 note=f"{a.elapsed_s:.1f} s" if a.ok else (a.error_kind or "failed"),
             )
@@ -60,7 +64,7 @@ def timeline(result: CouncilResult, width: int = 40) -> list[TimelineRow]:
         rows.append(
             TimelineRow(
                 name="SHENRON",
-                bar=_bar(start, s.first_token_s, s.elapsed_s, scale, width),
+                bar=_bar(start, None, s.first_token_s, s.elapsed_s, scale, width),
                 ok=s.ok,
                 note=f"{s.elapsed_s - start:.1f} s" if s.ok else "failed",
             )

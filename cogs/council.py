@@ -28,7 +28,7 @@ from bot.events import (
     Event,
     FighterFailed,
     FighterFinished,
-    FighterStarted,
+    FighterSent,
     FighterToken,
     Passage,
     SynthesisFailed,
@@ -248,7 +248,8 @@ class CouncilRound:
         board = self.board
         assert self.board_live is not None
         match event:
-            case FighterStarted(fighter=name):
+            case FighterSent(fighter=name):
+                # Past SHENRON's own queue (max_concurrency): the server has the request now.
                 if (seat := board.seat(name)) is not None:
                     seat.state = "thinking"
                     self.board_live.touch()

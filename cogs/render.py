@@ -542,7 +542,7 @@ def synthesis_footer(result: CouncilResult) -> str:
 
 
 def render_timeline(result: CouncilResult, width: int = 24) -> discord.Embed:
-    """The round as text bars: ░ waiting for the first token, █ generating, on one time axis."""
+    """The round as text bars (· SHENRON's queue, ░ waiting for the first token, █ generating) on one axis."""
     rows = timeline_text(result, width=width)
     first = rows.splitlines()[0] if rows else ""
     offset = first.index("│") + 1 if "│" in first else 0  # the axis starts under the bars

@@ -13,7 +13,7 @@ from bot.events import (
     CouncilFinished,
     FighterFailed,
     FighterFinished,
-    FighterStarted,
+    FighterSent,
     FighterToken,
     Passage,
     SynthesisFailed,
@@ -23,6 +23,7 @@ from bot.events import (
     Turn,
 )
 from bot.llm import LLMClient, make_session
+from bot.timeline import QUEUE, timeline
 from tests.factories import NAMES, make_council
 from tests.fakeserver import FakeLLM, Script
 from tests.leaks import client_tasks
@@ -61,7 +62,8 @@ async def test_six_fighters_answer_side_by_side_in_arrival_order() -> None:
         fake.script("shenron", Script(text="The dragon has spoken."))
         events = [e async for e in engine_for(session, fake).run("What is best?")]
     kinds = [type(e) for e in events]
-    assert kinds[:6] == [FighterStarted] * 6
+    # Each fighter starts and, with free slots, its request goes out at once.
+    assert sorted(k.__name__ for k in kinds[:12]) == ["FighterSent"] * 6 + ["FighterStarted"] * 6
     finished = [e.answer.fighter for e in events if isinstance(e, FighterFinished)]
     assert finished == list(reversed(NAMES))
     assert fake.peak_parallel == 6
@@ -239,3 +241,25 @@ async def test_cancelling_the_consumer_cancels_every_fighter() -> None:
             await task
         await fake.wait_until_idle()
         assert client_tasks() == before
+
+
+async def test_waiting_in_shenrons_own_queue_is_told_apart_from_the_servers() -> None:
+    # max_concurrency = 2 for four fighters: two wait in SHENRON's queue before their request goes out.
+    async with (
+        FakeLLM(default=Script(text="a b c d e", token_interval=0.02)) as fake,
+        make_session() as session,
+    ):
+        engine = engine_for(session, fake, names=NAMES[:4], max_concurrency=2)
+        events = [e async for e in engine.run("q")]
+    sent = [e for e in events if isinstance(e, FighterSent)]
+    assert len(sent) == 4
+    result = events[-1].result
+    queued = [a for a in result.answers if a.sent_s - a.started_at > 0.05]
+    assert len(queued) == 2, "two fighters waited for a slot"
+    for a in queued:
+        before = [b for b in result.answers if b is not a and b.elapsed_s <= a.sent_s + 0.001]
+        assert before, "a slot frees only when an earlier fighter finishes"
+    assert fake.peak_parallel == 2
+    rows = {r.name: r.bar for r in timeline(result, width=60)}
+    assert any(QUEUE in rows[a.fighter] for a in queued)
+    assert all(QUEUE not in rows[a.fighter] for a in result.answers if a not in queued)
