@@ -386,7 +386,6 @@ class Settings:
     """Everything that comes from the environment. Secrets never appear in repr()."""
 
     council_path: Path = Path(DEFAULT_COUNCIL_FILE)
-    env_file: Path | None = None
     log_level: str = "INFO"
     # Discord
     discord_token: str | None = field(default=None, repr=False)
