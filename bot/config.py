@@ -206,7 +206,6 @@ def parse_council(
             "correct the line it names; strings need quotes, tables need [brackets]",
         ) from None
 
-    top = _Reader(file, "", data)
     council = _Reader(file, "council", data.get("council", {}))
     deadline = council.num("round_deadline_s", 240.0, 1, 3600)
 
@@ -328,7 +327,8 @@ def parse_council(
         model=override_model or r.str("model", required=True),
         backend=backend_of(r),
         prompt=r.str("prompt", required=True),
-        fallback_model=(override_model and r.str("fallback_model") and override_model) or r.str("fallback_model"),
+        # LLM_MODEL replaces the fallback too (when there is one): the server has that one model.
+        fallback_model=override_model if override_model and "fallback_model" in r.table else r.str("fallback_model"),
         fallback_backend=fallback_backend,
         temperature=r.num("temperature", 0.4, 0.0, 2.0),
         max_tokens=r.num("max_tokens", 1200, 1, 200_000, integer=True),
@@ -341,7 +341,6 @@ def parse_council(
         raise ConfigError(
             file, key, "is not a known section", "use [council], [backends.NAME], [[fighters]] and [synthesizer]"
         )
-    del top
     return CouncilConfig(
         backends=backends, fighters=tuple(fighters), synthesizer=synth, round_deadline_s=deadline, source=file
     )

@@ -51,6 +51,10 @@ def test_llm_base_url_and_model_override_every_backend_and_model() -> None:
     council = parse_council(GOOD, env={"LLM_BASE_URL": "http://10.0.0.5:11434/v1/", "LLM_MODEL": "llama3"})
     assert council.backends["local"].base_url == "http://10.0.0.5:11434/v1"
     assert council.fighters[0].model == "llama3" and council.synthesizer.model == "llama3"
+    assert council.synthesizer.fallback_model is None  # none configured: LLM_MODEL does not invent one
+    shipped = load_council(REPO / "council.toml", env={"LLM_MODEL": "llama3"})
+    assert shipped.synthesizer.fallback_model == "llama3"
+    assert {f.model for f in shipped.fighters} == {"llama3"}
 
 
 @pytest.mark.parametrize(
