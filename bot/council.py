@@ -157,7 +157,8 @@ class CouncilEngine:
                 fighters_total=len(roster),
                 fighters_ok=len(ok),
                 first_answer_s=min((a.elapsed_s for a in ok), default=None),
-                model_time_s=sum(a.elapsed_s - a.started_at for a in arrival),
+                # Time the servers held the requests: waiting in SHENRON's own queue is not model time.
+                model_time_s=sum(a.elapsed_s - (a.started_at if a.sent_s is None else a.sent_s) for a in arrival),
                 tokens=sum(a.tokens for a in arrival) + synthesis.tokens,
                 overlap=overlap(intervals),
                 sources=len({p.source for p in context}),

@@ -260,6 +260,8 @@ async def test_waiting_in_shenrons_own_queue_is_told_apart_from_the_servers() ->
         before = [b for b in result.answers if b is not a and b.elapsed_s <= a.sent_s + 0.001]
         assert before, "a slot frees only when an earlier fighter finishes"
     assert fake.peak_parallel == 2
+    assert result.stats.model_time_s == pytest.approx(sum(a.elapsed_s - a.sent_s for a in result.answers))
+    assert result.stats.model_time_s < sum(a.elapsed_s - a.started_at for a in result.answers) - 0.1
     rows = {r.name: r.bar for r in timeline(result, width=60)}
     assert any(QUEUE in rows[a.fighter] for a in queued)
     assert all(QUEUE not in rows[a.fighter] for a in result.answers if a not in queued)
