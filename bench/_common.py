@@ -45,25 +45,34 @@ class ServerProc:
 
 
 @contextmanager
-def fake_server(impl: str = "fast", models: Sequence[str] = ()) -> Iterator[ServerProc]:
-    """Start bench/fake_server_process.py in a separate process; stop it on exit."""
-    cmd = [sys.executable, str(BENCH_DIR / "fake_server_process.py"), "--impl", impl, "--models", ",".join(models)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
+def server_process(
+    cmd: Sequence[str], what: str, stop_timeout_s: float = 5.0, **popen: Any
+) -> Iterator[tuple[subprocess.Popen[Any], dict[str, Any]]]:
+    """Run a server that prints one JSON line ({"port", "pid", …}) when ready and stops when its
+    stdin closes; yield the process and that line."""
+    proc = subprocess.Popen(list(cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, **popen)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"fake server exited with {proc.wait()} before printing its port")
-        info = json.loads(line)
-        yield ServerProc(proc=proc, port=info["port"], pid=info["pid"], impl=impl)
+            raise RuntimeError(f"{what} exited with {proc.wait()} before printing its port")
+        yield proc, json.loads(line)
     finally:
         if proc.stdin is not None:
             proc.stdin.close()  # the server stops when its stdin closes
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=stop_timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def fake_server(impl: str = "fast", models: Sequence[str] = ()) -> Iterator[ServerProc]:
+    """Start bench/fake_server_process.py in a separate process; stop it on exit."""
+    cmd = [sys.executable, str(BENCH_DIR / "fake_server_process.py"), "--impl", impl, "--models", ",".join(models)]
+    with server_process(cmd, "fake server") as (proc, info):
+        yield ServerProc(proc=proc, port=info["port"], pid=info["pid"], impl=impl)
 
 
 def proc_cpu_s(pid: int) -> float:

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench._common import server_process  # noqa: E402
 from tests.fakeserver import FakeLLM, Script  # noqa: E402
 
 # Timing of every scripted answer: the first content chunk after FIRST_DELAY, then one per INTERVAL.
@@ -209,30 +210,14 @@ class SoakServer:
 @contextmanager
 def soak_server() -> Iterator[SoakServer]:
     """Start ``SoakLLM`` in its own process (own CPU, own fds, own memory); stop it on exit."""
-    with tempfile.TemporaryFile("w+", prefix="soak-server-stderr") as err:
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "serve"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            cwd=ROOT,
-            text=True,
-        )
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"soak server exited with {proc.wait()} before printing its port")
-            info = json.loads(line)
-            yield SoakServer(proc=proc, port=info["port"], pid=info["pid"], stderr=err)
-        finally:
-            if proc.stdin is not None:
-                proc.stdin.close()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with (
+        tempfile.TemporaryFile("w+", prefix="soak-server-stderr") as err,
+        server_process([sys.executable, __file__, "serve"], "soak server", 10.0, stderr=err, text=True) as (
+            proc,
+            info,
+        ),
+    ):
+        yield SoakServer(proc=proc, port=info["port"], pid=info["pid"], stderr=err)
 
 
 if __name__ == "__main__":
