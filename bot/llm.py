@@ -143,8 +143,8 @@ class ThinkSplitter:
     OPEN, CLOSE = "<think>", "</think>"
 
     def __init__(self) -> None:
-        self.answer: list[str] = []
-        self.reasoning: list[str] = []
+        # Answer text streamed so far, kept only while a bare </think> could still make it reasoning.
+        self._streamed: list[str] = []
         self._pending = ""  # text that may be the start of a tag
         self._state = "start"  # start -> (think | answer); answer may still see a bare </think>
         self._seen_close = False
@@ -153,7 +153,8 @@ class ThinkSplitter:
         """Returns (answer_text, reasoning_text, reset) produced by this piece."""
         if self._state == "answer" and not self._pending and (self._seen_close or "<" not in text):
             # The hot path: plain answer text. Every prefix of "</think>" starts with "<".
-            self.answer.append(text)
+            if not self._seen_close:
+                self._streamed.append(text)
             return text, "", False
         buf = self._pending + text
         self._pending = ""
@@ -193,8 +194,8 @@ class ThinkSplitter:
             idx = buf.find(self.CLOSE)
             if idx >= 0:
                 # A closing tag with no opening one: all the "answer" so far was reasoning.
-                out_reason.append("".join(self.answer) + "".join(out_answer) + buf[:idx])
-                self.answer.clear()
+                out_reason.append("".join(self._streamed) + "".join(out_answer) + buf[:idx])
+                self._streamed.clear()
                 out_answer.clear()
                 reset = True
                 buf = buf[idx + len(self.CLOSE) :].lstrip("\n")
@@ -205,23 +206,17 @@ class ThinkSplitter:
             self._pending = buf[len(buf) - keep :]
             break
         a, r = "".join(out_answer), "".join(out_reason)
-        if reset:
-            self.answer.clear()
-        if a:
-            self.answer.append(a)
-        if r:
-            self.reasoning.append(r)
+        if a and not self._seen_close:
+            self._streamed.append(a)
         return a, r, reset
 
     def flush(self) -> tuple[str, str]:
         """End of stream: whatever was held back goes where the state says."""
         pending, self._pending = self._pending, ""
         if self._state == "think":
-            self.reasoning.append(pending)
             return "", pending
         if self._state == "start":
             pending = pending.strip()
-        self.answer.append(pending)
         return pending, ""
 
 
