@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import aiohttp
+from rich.console import Console
 
 from bot.config import CouncilConfig, Settings
 from bot.events import Passage
@@ -14,9 +14,9 @@ log = logging.getLogger(__name__)
 
 
 async def retrieve_context(
-    settings: Settings, council: CouncilConfig, session: aiohttp.ClientSession, question: str, console: Any = None
+    settings: Settings, council: CouncilConfig, session: aiohttp.ClientSession, question: str, console: Console
 ) -> list[Passage]:
-    """Passages for the question, or [] when the knowledge base is off, empty or unavailable."""
+    """Passages for the question, or [] when the knowledge base is off, empty or unavailable (said on ``console``)."""
     if not settings.kb_enabled:
         return []
     from bot.knowledge import KnowledgeBase, KnowledgeError
@@ -30,8 +30,7 @@ async def retrieve_context(
         finally:
             await kb.close()
     except KnowledgeError as exc:
-        # The council is still worth asking without the documents: say so and go on.
-        log.warning("knowledge base unavailable, asking without it: %s", exc)
-        if console is not None:
-            console.print(f"[yellow]knowledge base unavailable, asking without it:[/] {exc}", highlight=False)
+        # The council is still worth asking without the documents: say so (once) and go on.
+        log.debug("knowledge base unavailable: %r", exc)
+        console.print(f"[yellow]knowledge base unavailable, asking without it:[/] {exc}", highlight=False)
         return []
